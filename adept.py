@@ -1,0 +1,359 @@
+"""ADEPT: token-level early exit in prefill and in decode (see ../shared/ADEPT.md §3).
+
+The whole mechanism is `forward_tokens`: it runs a set of tokens through the layers,
+and after each layer asks an exit policy which of the still-active tokens leave. A
+token that exits after layer e gets the K/V of layers e+1..L filled from h_e in one
+batched operation (kv_cache.fill_decoupled) and predicts with the shared head at e.
+Prefill is `forward_tokens` over the prompt; a decode step is `forward_tokens` over one
+token. Full depth is the `FullDepth` policy, which never exits.
+
+Layers are counted from 1 here: "exit at layer e" means layers 1..e ran (blocks
+0..e-1 in model.py) and e = L is full depth.
+"""
+import hashlib
+from pathlib import Path
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kv_cache import fill_decoupled
+from model import UserError
+
+# ----------------------------------------------------------------------------- cost accounting
+
+
+@dataclass
+class Stats:
+    """Work done, in multiply-accumulates (MACs), split by where it went."""
+    tokens: int = 0
+    layers: int = 0          # sum over tokens of layers computed (= exit layers)
+    layer_macs: int = 0      # projections, MLP and attention of computed layers
+    router_macs: int = 0     # the exit policy's own work (a router, or the head for a confidence gate)
+    fill_macs: int = 0       # K/V projections of skipped layers
+    head_macs: int = 0       # the LM head that produces the token's logits
+    full_macs: int = 0       # what full depth would have cost the same tokens
+
+    @property
+    def total_macs(self):
+        return self.layer_macs + self.router_macs + self.fill_macs + self.head_macs
+
+    @property
+    def mean_exit_layer(self):
+        return self.layers / max(self.tokens, 1)
+
+    @property
+    def saved(self):
+        """Fraction of full-depth compute saved (negative when the policy costs more than it saves)."""
+        return 1 - self.total_macs / max(self.full_macs, 1)
+
+    def add(self, other):
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def layer_macs(c, pos):
+    """MACs of one layer for tokens at positions pos [n], each attending to positions 0..p."""
+    n, context = len(pos), int(pos.sum()) + len(pos)
+    return n * (c.dim * (c.dim + 2 * c.kv_dim) + c.dim * c.dim + 3 * c.dim * c.ffn_dim) + 2 * c.n_heads * c.head_dim * context
+
+
+# ----------------------------------------------------------------------------- exit policies
+
+
+class Policy:
+    """Decides, after layer i, which of the active tokens exit.
+
+    decide() gets the layer's state (h, q, k, v) for the n active tokens: h [n, D] after
+    the layer, q [n, D] and k, v [n, kv_dim] of the layer (before RoPE), and their
+    positions pos [n]. It returns a bool tensor [n] (True = exit now), or None for
+    "nobody exits". It is not asked before `min_layer`, nor after the last layer.
+    """
+    min_layer = 1
+
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        raise NotImplementedError
+
+
+class FullDepth(Policy):
+    """Never exit: the plain model."""
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        return None
+
+
+class Static(Policy):
+    """Every token exits at layer k."""
+    def __init__(self, k, n_layers):
+        check_range("static exit layer", k, 1, n_layers)
+        self.k = self.min_layer = k
+
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        return torch.ones(len(pos), dtype=torch.bool, device=h.device) if i == self.k else None
+
+
+class Confidence(Policy):
+    """Paper 2's gate: exit when the shared head's max probability (or low entropy) says the token is settled.
+
+    Evaluating the head costs D*vocab MACs per token and layer, counted as router work.
+    """
+    def __init__(self, threshold, min_layer=1, entropy=False, vocab_size=None):
+        if entropy:
+            check_range("entropy threshold (nats)", threshold, 0.0, float(torch.log(torch.tensor(float(vocab_size)))))
+        else:
+            check_range("confidence threshold", threshold, 0.0, 1.0)
+        self.threshold, self.min_layer, self.entropy = threshold, min_layer, entropy
+
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        logp = model.head(h, i).float().log_softmax(-1)
+        stats.router_macs += len(pos) * model.config.dim * model.config.vocab_size
+        if self.entropy:
+            return -(logp.exp() * logp).sum(-1) <= self.threshold
+        return logp.max(-1).values.exp() >= self.threshold
+
+
+class Oracle(Policy):
+    """Exit at the first layer whose argmax equals the full model's (`target[pos]`). Analysis only: it needs the answer."""
+    def __init__(self, target, min_layer=1):
+        self.target, self.min_layer = target, min_layer
+
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        stats.router_macs += len(pos) * model.config.dim * model.config.vocab_size
+        return model.head(h, i).argmax(-1) == self.target[pos]
+
+
+def router_features(model, h, q, k, v):
+    """The router's view of the state (h, q, k, v): normalised h, then q, k, v. [n, 2*D + 2*kv_dim]"""
+    return torch.cat((F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps), q, k, v), dim=-1)
+
+
+class Router(torch.nn.Module):
+    """One small MLP per layer, P(exit | state at layer i) = sigmoid(router(i, features)).
+
+    Per layer rather than shared: the residual stream's statistics drift strongly with
+    depth, and separate weights cost nothing at inference (only layer i's are read).
+    Inputs are standardised with per-layer statistics from the training data.
+    """
+    FEATURES = "rmsnorm(h)|q|k|v"
+
+    def __init__(self, n_layers, n_features, hidden=32):
+        super().__init__()
+        P = lambda *s: torch.nn.Parameter(torch.zeros(*s))
+        self.register_buffer("mu", torch.zeros(n_layers, n_features))
+        self.register_buffer("sd", torch.ones(n_layers, n_features))
+        self.w1, self.b1 = P(n_layers, n_features, hidden), P(n_layers, hidden)
+        self.w2, self.b2 = P(n_layers, hidden), P(n_layers)
+        torch.nn.init.normal_(self.w1, std=n_features ** -0.5)
+        self.meta = {}
+
+    def forward(self, i, x):
+        """Exit logits [n] for features x [n, n_features] at layer i (1-based)."""
+        z = (x - self.mu[i - 1]) / self.sd[i - 1]
+        return F.gelu(z @ self.w1[i - 1] + self.b1[i - 1]) @ self.w2[i - 1] + self.b2[i - 1]
+
+    def macs(self):
+        return self.w1.shape[1] * self.w1.shape[2] + self.w2.shape[1]
+
+    def save(self, path, meta):
+        from safetensors.torch import save_file
+        self.meta = {k: str(v) for k, v in meta.items()} | {"features": self.FEATURES, "hidden": str(self.w2.shape[1])}
+        save_file({k: t.detach().float().contiguous() for k, t in self.state_dict().items()}, str(path), metadata=self.meta)
+
+    @classmethod
+    def load(cls, path, model):
+        """Load a router file, refusing one trained for another model or with other features."""
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise UserError(f"router file {path} not found; train one with train_exits.py or pass --exits PATH") from None
+        except Exception as e:
+            raise UserError(f"{path} is not a readable router file ({e})") from None
+        need = ("base_model", "n_layers", "dim", "features", "threshold", "hidden")
+        if any(k not in meta for k in need) or "w1" not in tensors:
+            raise UserError(f"{path} is not a router file from train_exits.py (metadata lacks {[k for k in need if k not in meta]})")
+        if meta["base_model"] != model_id(model) or int(meta["n_layers"]) != model.config.n_layers or int(meta["dim"]) != model.config.dim:
+            raise UserError(f"router {path} was trained for {meta['base_model']} ({meta['n_layers']} layers, dim {meta['dim']}), "
+                            f"not for this model, {model_id(model)}; train one for it with train_exits.py")
+        if meta["features"] != cls.FEATURES:
+            raise UserError(f"router {path} uses features {meta['features']!r}; this code computes {cls.FEATURES!r}")
+        router = cls(model.config.n_layers, tensors["w1"].shape[1], int(meta["hidden"]))
+        router.load_state_dict(tensors)
+        router.meta = meta
+        return router.to(model.tok_emb.device, model.tok_emb.dtype)
+
+
+class RouterPolicy(Policy):
+    """The learned ADEPT policy: exit when the router's P(exit) reaches the threshold τ."""
+    def __init__(self, router, threshold=None, min_layer=1):
+        threshold = float(router.meta.get("threshold", 0.5)) if threshold is None else threshold
+        check_range("router threshold", threshold, 0.0, 1.0)
+        self.router, self.threshold, self.min_layer = router, threshold, min_layer
+
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        stats.router_macs += len(pos) * self.router.macs()
+        return torch.sigmoid(self.router(i, router_features(model, h, q, k, v))) >= self.threshold
+
+
+def model_id(model):
+    """Names a base model for router files: its checkpoint name and a fingerprint of its weights."""
+    digest = hashlib.sha1(model.norm.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+    return f"{getattr(model, 'name', 'model')}:{digest}"
+
+
+def check_range(what, x, lo, hi):
+    if not lo <= x <= hi:
+        raise UserError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------- the forward pass with exits
+
+
+def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False):
+    """Run tokens ids [n] (batch of one sequence) at positions start.. through the model with per-token exit.
+
+    Only active tokens are computed at each layer; they attend causally to every
+    earlier position's K/V at that layer, exited tokens' filled K/V included.
+    Returns (logits, exit_layer): logits [n, vocab] if all_logits else [vocab] for the
+    last token, each from the head at its token's exit layer; exit_layer LongTensor [n].
+    """
+    c, L, n = model.config, model.config.n_layers, len(ids)
+    pos = torch.arange(start, start + n, device=ids.device)
+    mask = pos[:, None] >= torch.arange(start + n, device=ids.device)[None] if n > 1 else None  # [n, end]
+    exit_layer = torch.full((n,), L, dtype=torch.long, device=ids.device)
+    h_exit = torch.empty(n, c.dim, dtype=model.tok_emb.dtype, device=ids.device)
+    active = torch.arange(n, device=ids.device)  # which of the n tokens are still running
+    h = model.tok_emb[ids][None]                   # [1, n_active, D]
+    for i in range(1, L + 1):
+        h, (q, k, v) = model.layer(i - 1, h, pos[active], cache, None if mask is None else mask[active])
+        stats.layer_macs += layer_macs(c, pos[active])
+        if i == L or i < policy.min_layer:
+            continue
+        out = policy.decide(model, i, pos[active], h[0], q[0], k[0], v[0], stats)
+        if out is None or not bool(out.any()):
+            continue
+        gone = active[out]
+        exit_layer[gone] = i
+        h_exit[gone] = h[0, out]
+        fill_decoupled(cache, model, h[0, out], pos[gone], exit_layer[gone])
+        stats.fill_macs += len(gone) * (L - i) * c.dim * 2 * c.kv_dim
+        active, h = active[~out], h[:, ~out]
+        if len(active) == 0:
+            break
+    h_exit[active] = h[0]
+    stats.tokens += n
+    stats.layers += int(exit_layer.sum())
+    heads = (n if all_logits else 1) * c.dim * c.vocab_size
+    stats.head_macs += heads
+    stats.full_macs += L * layer_macs(c, pos) + heads
+    if not all_logits:
+        return model.head(h_exit[-1], int(exit_layer[-1])), exit_layer
+    logits = torch.empty(n, c.vocab_size, dtype=h_exit.dtype, device=ids.device)
+    for e in exit_layer.unique().tolist():  # the head may differ per layer (exit adapters)
+        at = exit_layer == e
+        logits[at] = model.head(h_exit[at], e)
+    return logits, exit_layer
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """Next token from logits [vocab]: greedy at temperature 0, else softmax sampling with top-k / top-p."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        probs, order = logits.softmax(-1).sort(descending=True)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def check_sampling(temperature, top_k, top_p, max_new_tokens):
+    if not temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+@dataclass
+class Generation:
+    tokens: list                      # generated token ids
+    prompt_exit_layers: list          # exit layer of every prompt token
+    exit_layers: list                 # exit layer of every generated token's step
+    prefill: Stats = field(default_factory=Stats)
+    decode: Stats = field(default_factory=Stats)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, top_k=None, top_p=1.0,
+             seed=None, eos_ids=(), on_token=None) -> Generation:
+    """Prefill the prompt, then decode token by token, each token exiting where the policy says.
+
+    on_token(token_id, exit_layer) is called as each token is produced (for streaming).
+    The exit layer reported for a generated token is that of the step that produced
+    it, i.e. the exit layer of the previous token's forward pass.
+    """
+    policy = policy or FullDepth()
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if len(prompt_ids) == 0:
+        raise UserError("the prompt is empty; give some text with --prompt")
+    device = model.tok_emb.device
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = Generation([], [], [])
+    t0 = time.perf_counter()
+    logits, e = forward_tokens(model, torch.tensor(prompt_ids, device=device), 0, cache, policy, out.prefill)
+    out.prompt_exit_layers = e.tolist()
+    step_exit = int(e[-1])
+    sync(device)
+    out.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        out.tokens.append(token)
+        out.exit_layers.append(step_exit)
+        if on_token:
+            on_token(token, step_exit)
+        if token in eos_ids or step == max_new_tokens - 1:
+            break
+        logits, e = forward_tokens(model, torch.tensor([token], device=device), len(prompt_ids) + step, cache, policy, out.decode)
+        step_exit = int(e[0])
+    out.decode_s = time.perf_counter() - t0
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+DEFAULT_EXITS = Path(__file__).resolve().parent / "exits" / "smollm2-135m-instruct.safetensors"
+POLICIES = ("router", "confidence", "entropy", "static", "full")
+
+
+def make_policy(name, model, threshold=None, min_layer=1, exit_layer=None, exits=None):
+    """Build a policy from command-line settings; threshold None = the policy's default."""
+    L = model.config.n_layers
+    check_range("--min-layer", min_layer, 1, L)
+    if name == "full":
+        return FullDepth()
+    if name == "static":
+        return Static(max(exit_layer or min(24, L), min_layer), L)
+    if name in ("confidence", "entropy"):
+        default = 0.9 if name == "confidence" else 0.5
+        return Confidence(default if threshold is None else threshold, min_layer, name == "entropy", model.config.vocab_size)
+    if name == "router":
+        return RouterPolicy(Router.load(exits or DEFAULT_EXITS, model), threshold, min_layer)
+    raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

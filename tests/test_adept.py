@@ -1,0 +1,205 @@
+"""The invariants of ADEPT.md §3, on the tiny model and on the default model.
+
+1. The `full` policy reproduces the plain full-depth forward.
+2. Prefill with a per-token exit pattern equals decoding the tokens one by one with it.
+3. The decoupled KV fill equals the sequential fill.
+4. No KV cache slot is read before it is written (conftest turns the check on for every test).
+"""
+import pytest
+import torch
+
+import kv_cache
+from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
+                   make_policy, model_id)
+from conftest import reference_forward
+from kv_cache import fill_decoupled, fill_sequential
+from model import UserError
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+# The default model's logits reach ~20 and pass 30 layers in float32, where a batched matmul and a
+# single-row one round differently: prefill and one-by-one decode differ by up to ~6e-5 there.
+TOL_DEFAULT = dict(atol=2e-4, rtol=1e-4)
+
+
+class Pattern(Policy):
+    """Forces token at position p to exit at layer exit_at[p]."""
+    def __init__(self, exit_at):
+        self.exit_at = torch.tensor(exit_at)
+
+    def decide(self, model, i, pos, h, q, k, v, stats):
+        return self.exit_at[pos] == i
+
+
+def prompt(model, n, seed=0):
+    return torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, ids, policy, cache=None):
+    cache = cache or model.new_cache(1, len(ids))
+    with torch.no_grad():
+        logits, exits = forward_tokens(model, ids, 0, cache, policy, Stats(), all_logits=True)
+    return logits, exits, cache
+
+
+def one_by_one(model, ids, policy):
+    cache = model.new_cache(1, len(ids))
+    logits, exits = [], []
+    with torch.no_grad():
+        for t in range(len(ids)):
+            lg, e = forward_tokens(model, ids[t:t + 1], t, cache, policy, Stats(), all_logits=True)
+            logits.append(lg)
+            exits.append(e)
+    return torch.cat(logits), torch.cat(exits), cache
+
+
+def check_invariants(model, n, pattern, ref_logits=None, tol=TOL):
+    ids = prompt(model, n)
+    full, exits, _ = run(model, ids, FullDepth())
+    with torch.no_grad():
+        plain = model(ids[None])[0]
+    torch.testing.assert_close(full, plain, **tol)                                  # invariant 1
+    assert (exits == model.config.n_layers).all()
+    if ref_logits is not None:
+        torch.testing.assert_close(full.double(), ref_logits, atol=1e-5, rtol=1e-4)
+
+    pre_logits, pre_exits, pre_cache = run(model, ids, Pattern(pattern))
+    dec_logits, dec_exits, dec_cache = one_by_one(model, ids, Pattern(pattern))
+    assert pre_exits.tolist() == dec_exits.tolist() == list(pattern)
+    torch.testing.assert_close(pre_logits, dec_logits, **tol)                       # invariant 2: logits
+    assert pre_cache.written.all() and dec_cache.written.all()                       # every slot written once filled
+    torch.testing.assert_close(pre_cache.k, dec_cache.k, **tol)                      # ... and the whole cache
+    torch.testing.assert_close(pre_cache.v, dec_cache.v, **tol)
+    return pre_logits, pre_exits
+
+
+def test_invariants_on_tiny_model(tiny):
+    model, _, w, cfg, _ = tiny
+    L = cfg["num_hidden_layers"]
+    pattern = [1, L, 3, 2, L, 1, 4, 5, 2, L, 3, 6]  # mixed exit layers, also the first token early
+    ref = reference_forward(w, cfg, prompt(model, len(pattern))[None])[0]
+    check_invariants(model, len(pattern), pattern, ref)
+
+
+def test_invariants_on_default_model(smollm):
+    model, _ = smollm
+    pattern = [30, 12, 24, 30, 8, 18, 27, 30, 20, 10, 29, 30, 16, 22]
+    check_invariants(model, len(pattern), pattern, tol=TOL_DEFAULT)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm"])
+def test_decoupled_fill_equals_sequential_fill(request, which):
+    model = request.getfixturevalue(which)[0]
+    L, n = model.config.n_layers, 7
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(n, model.config.dim, generator=g)
+    pos = torch.tensor([0, 3, 4, 9, 10, 11, 15])
+    exit_layer = torch.randint(1, L + 1, (n,), generator=g)
+    exit_layer[0] = 1  # skips every layer but the first
+    a, b = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.no_grad():
+        fill_decoupled(a, model, h, pos, exit_layer)
+        fill_sequential(b, model, h, pos, exit_layer)
+    assert torch.equal(a.written, b.written)
+    for j, p in enumerate(pos.tolist()):  # exactly the skipped layers of each token were written
+        assert a.written[:, p].tolist() == [i >= int(exit_layer[j]) for i in range(L)]
+    slots = lambda t: t.permute(0, 3, 1, 2, 4)[a.written]  # [L, T, B, kv_heads, hd] -> written slots
+    torch.testing.assert_close(slots(a.k), slots(b.k), **TOL)
+    torch.testing.assert_close(slots(a.v), slots(b.v), **TOL)
+
+
+def test_reading_an_unwritten_slot_fails(tiny):
+    cache = tiny[0].new_cache(1, 8)
+    with pytest.raises(AssertionError, match="read from the KV cache before being written"):
+        cache.read(0, 3)
+
+
+def test_exit_at_last_layer_is_full_depth(tiny):
+    model, *_ = tiny
+    L = model.config.n_layers
+    ids = prompt(model, 9)
+    full, _, full_cache = run(model, ids, FullDepth())
+    static, exits, static_cache = run(model, ids, Static(L, L))
+    assert (exits == L).all()
+    assert torch.equal(full, static) and torch.equal(full_cache.k, static_cache.k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_static_k_equals_k_layers_then_head(tiny, k):
+    model, _, w, cfg, _ = tiny
+    ids = prompt(model, 10)
+    logits, exits, cache = run(model, ids, Static(k, cfg["num_hidden_layers"]))
+    assert (exits == k).all() and cache.written.all()
+    torch.testing.assert_close(logits.double(), reference_forward(w, cfg, ids[None], n_layers=k)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_generate_reports_exit_layers_and_costs(tiny):
+    model, *_ = tiny
+    L = model.config.n_layers
+    ids = prompt(model, 12).tolist()
+    g = generate(model, ids, 6, Static(2, L))
+    assert g.prompt_exit_layers == [2] * 12 and g.exit_layers == [2] * 6 and len(g.tokens) == 6
+    assert g.prefill.mean_exit_layer == 2 and g.decode.mean_exit_layer == 2
+    full = generate(model, ids, 6, FullDepth())
+    assert full.prefill.saved == 0 and full.prefill.fill_macs == 0
+    # static 2 of 6 layers: every token computes a third of the layers, plus a fill of the other four
+    assert g.prefill.layer_macs < full.prefill.layer_macs / 2 and g.prefill.fill_macs > 0 and g.prefill.saved > 0.4
+
+
+def test_full_generation_equals_argmax_of_plain_forward(tiny):
+    model, *_ = tiny
+    ids = prompt(model, 5).tolist()
+    g = generate(model, ids, 8, FullDepth())
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert g.tokens == seq[5:]
+
+
+def test_thresholds_out_of_range_are_refused(tiny):
+    model, *_ = tiny
+    L = model.config.n_layers
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UserError, match="confidence threshold .* out of range"):
+            Confidence(bad)
+    with pytest.raises(UserError, match="entropy threshold .* out of range"):
+        Confidence(-1.0, entropy=True, vocab_size=model.config.vocab_size)
+    with pytest.raises(UserError, match="static exit layer 7 is out of range"):
+        Static(L + 1, L)
+    with pytest.raises(UserError, match="--min-layer 0 is out of range"):
+        make_policy("full", model, min_layer=0)
+    with pytest.raises(UserError, match="router threshold 2.0 is out of range"):
+        RouterPolicy(Router(L, 10), 2.0)
+
+
+def router_file(model, path, **meta):
+    c = model.config
+    r = Router(c.n_layers, 2 * c.dim + 2 * c.kv_dim)
+    r.save(path, {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim, "threshold": 0.7,
+                  "lam": 1.0, "beta": 1.0} | meta)
+    return r
+
+
+def test_router_file_round_trips_and_runs(tiny, tmp_path):
+    model, *_ = tiny
+    r = router_file(model, tmp_path / "r.safetensors")
+    loaded = Router.load(tmp_path / "r.safetensors", model)
+    assert loaded.meta["threshold"] == "0.7"
+    for name, t in r.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name])
+    policy = make_policy("router", model, exits=tmp_path / "r.safetensors")
+    assert policy.threshold == 0.7
+    generate(model, prompt(model, 6).tolist(), 4, policy)
+
+
+def test_router_for_another_model_is_refused(tiny, tmp_path):
+    model, *_ = tiny
+    router_file(model, tmp_path / "other.safetensors", base_model="SmolLM2-1.7B:0123456789ab")
+    with pytest.raises(UserError, match="was trained for SmolLM2-1.7B.* not for this model"):
+        Router.load(tmp_path / "other.safetensors", model)
+    router_file(model, tmp_path / "deeper.safetensors", n_layers=32)
+    with pytest.raises(UserError, match="32 layers"):
+        Router.load(tmp_path / "deeper.safetensors", model)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable router file"):
+        Router.load(tmp_path / "junk.safetensors", model)
