@@ -48,10 +48,6 @@ class Stats:
         """Fraction of full-depth compute saved (negative when the policy costs more than it saves)."""
         return 1 - self.total_macs / max(self.full_macs, 1)
 
-    def add(self, other):
-        for k in self.__dataclass_fields__:
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
 
 def layer_macs(c, pos):
     """MACs of one layer for tokens at positions pos [n], each attending to positions 0..p."""

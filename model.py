@@ -51,9 +51,9 @@ class Config:
     @classmethod
     def from_hf(cls, d: dict) -> "Config":
         """Read a Hugging Face LLaMA `config.json` dict, refusing what we do not implement."""
-        arch = d.get("model_type")
-        if arch not in ("llama", "mistral", None) or not any("Llama" in a or "Mistral" in a for a in d.get("architectures", ["Llama"])):
-            raise UserError(f"unsupported architecture {d.get('architectures', arch)}: only LLaMA-family checkpoints are supported")
+        if d.get("model_type", "llama") != "llama" or not all("Llama" in a for a in d.get("architectures", ["Llama"])):
+            raise UserError(f"unsupported architecture {d.get('architectures', d.get('model_type'))}: "
+                            "only LLaMA-family checkpoints (model_type 'llama') are supported")
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise UserError("checkpoint uses attention/MLP biases, which this LLaMA implementation does not support")
         if d.get("hidden_act", "silu") != "silu":
@@ -293,11 +293,13 @@ class Tokenizer:
             self.kind = "sentencepiece"
             self._encode = self.tok.encode
             self.decode = lambda ids: self.tok.decode(list(ids))
-            self.id_of = lambda s: (lambda i: None if i == self.tok.unk_id() and s != self.tok.id_to_piece(i) else i)(self.tok.piece_to_id(s))
+            self.id_of = lambda s: self.tok.piece_to_id(s) if self.tok.id_to_piece(self.tok.piece_to_id(s)) == s else None
             add_bos_default = True
         else:
             raise UserError(f"no tokenizer in {ckpt}: expected tokenizer.json or tokenizer.model")
-        token = lambda key: (lambda t: t.get("content") if isinstance(t, dict) else t)(cfg.get(key))
+        def token(key):  # tokenizer_config.json writes a token as a string or as {"content": ...}
+            t = cfg.get(key)
+            return t.get("content") if isinstance(t, dict) else t
         bos = token("bos_token")
         self.bos_id = self.id_of(bos) if bos else model_cfg.get("bos_token_id")
         self.add_bos = bool(cfg.get("add_bos_token", add_bos_default)) and self.bos_id is not None

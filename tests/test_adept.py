@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kv_cache
-from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
+from adept import (Confidence, FullDepth, Oracle, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
                    make_policy, model_id)
 from conftest import reference_forward
 from kv_cache import fill_decoupled, fill_sequential
@@ -130,6 +130,19 @@ def test_static_k_equals_k_layers_then_head(tiny, k):
     logits, exits, cache = run(model, ids, Static(k, cfg["num_hidden_layers"]))
     assert (exits == k).all() and cache.written.all()
     torch.testing.assert_close(logits.double(), reference_forward(w, cfg, ids[None], n_layers=k)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_oracle_exits_where_the_head_first_agrees_with_full_depth(tiny):
+    model, _, w, cfg, _ = tiny
+    ids = prompt(model, 10)
+    full, _, _ = run(model, ids, FullDepth())
+    target = full.argmax(-1)
+    logits, exits, _ = run(model, ids, Oracle(target))
+    assert torch.equal(logits.argmax(-1), target)  # every token predicts the full model's argmax
+    # the first token attends only to itself, so its states are exactly the plain model's at every layer
+    first_agree = next(i for i in range(1, cfg["num_hidden_layers"] + 1)
+                       if int(reference_forward(w, cfg, ids[None, :1], n_layers=i)[0, 0].argmax()) == int(target[0]))
+    assert int(exits[0]) == first_agree
 
 
 def test_generate_reports_exit_layers_and_costs(tiny):
