@@ -1,0 +1,104 @@
+"""Training the exit router: soft labels, loss, artifact, resume."""
+import math
+
+import pytest
+import torch
+
+from adept import Router, RouterPolicy, generate, model_id
+from model import UserError
+from train_exits import preference_labels, save_atomic, targets, train
+
+
+def test_soft_labels_by_hand():
+    # L = 3, λ = 2, β = 3, so C = (1/3, 2/3, 1) and β·C = (1, 2, 3).
+    # token a: T = (0, 1, 1) -> R = (-1, 0, -1);  token b: T = (1, 0, 1) -> R = (1, -2, -1)
+    T = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    labels = preference_labels(T, lam=2.0, beta=3.0)
+    s = lambda x: 1 / (1 + math.exp(-x))
+    expected = [[s(-1 - 0), s(1 - (-1))],     # layer 1: R(1) − max(R(2), R(3))
+                [s(0 - (-1)), s(-2 - (-1))]]  # layer 2: R(2) − R(3)
+    torch.testing.assert_close(labels, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def tiny_targets(tiny, n_seqs=6, length=24):
+    model, *_ = tiny
+    g = torch.Generator().manual_seed(5)
+    seqs = [(torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist(), 4) for _ in range(n_seqs)]
+    feats, T = targets(model, seqs)
+    router = Router(model.config.n_layers, feats.shape[2], hidden=8)
+    router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
+    return model, router, feats, preference_labels(T, 4.0, 1.0), T
+
+
+def test_targets_have_one_row_per_layer_and_token(tiny):
+    model, _, feats, labels, T = tiny_targets(tiny)
+    L, c = model.config.n_layers, model.config
+    assert feats.shape == (L - 1, 6 * 20, 2 * c.dim + 2 * c.kv_dim)
+    assert T.shape == (L, 120) and bool((T[-1] == 1).all())  # the last layer always agrees with itself
+    assert labels.shape == (L - 1, 120) and bool(((labels > 0) & (labels < 1)).all())
+
+
+def test_training_lowers_the_loss(tiny):
+    _, router, feats, labels, _ = tiny_targets(tiny)
+    torch.manual_seed(0)
+    losses = train(router, feats, labels, epochs=30, lr=1e-2, batch=32, progress=False)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tiny, tmp_path):
+    _, base, feats, labels, _ = tiny_targets(tiny)
+
+    def copy():
+        r = Router(*base.w1.shape[:2], hidden=8)
+        r.load_state_dict(base.state_dict())
+        return r
+    a, b = copy(), copy()
+    train(a, feats, labels, epochs=4, batch=32, seed=1, progress=False)
+    ckpt = tmp_path / "resume.pt"
+    train(b, feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, stop_after=2, progress=False)   # interrupted
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    b2 = copy()  # a fresh process: nothing but the checkpoint carries over
+    train(b2, feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, progress=False)
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b2.state_dict()[name]), name
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_atomic({"x": torch.ones(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert not (tmp_path / "ck.pt.tmp").exists()
+
+
+def test_trained_router_round_trips_and_drives_generation(tiny, tmp_path):
+    model, router, feats, labels, _ = tiny_targets(tiny)
+    train(router, feats, labels, epochs=2, batch=32, progress=False)
+    path = tmp_path / "router.safetensors"
+    router.save(path, {"base_model": model_id(model), "n_layers": model.config.n_layers, "dim": model.config.dim,
+                       "threshold": 0.3, "lam": 4.0, "beta": 1.0})
+    loaded = Router.load(path, model)
+    assert loaded.meta["lam"] == "4.0" and loaded.meta["threshold"] == "0.3"
+    x = feats[2, :5]
+    torch.testing.assert_close(loaded(3, x), router(3, x), atol=0, rtol=0)
+    g = generate(model, [3, 4, 5], 4, RouterPolicy(loaded))
+    assert len(g.exit_layers) == 4
+
+
+def test_router_for_another_model_is_refused(tiny, tmp_path):
+    model, router, *_ = tiny_targets(tiny)
+    path = tmp_path / "other.safetensors"
+    router.save(path, {"base_model": "another-model:feedfacecafe", "n_layers": model.config.n_layers,
+                       "dim": model.config.dim, "threshold": 0.5, "lam": 4.0, "beta": 1.0})
+    with pytest.raises(UserError, match="was trained for another-model"):
+        Router.load(path, model)
+
+
+def test_batched_sampling_equals_one_prompt_at_a_time(tiny):
+    """Left padding must not change what a prompt generates (greedy, so the tokens are comparable)."""
+    from adept import FullDepth
+    from train_exits import sample_batch
+    model, *_ = tiny
+    prompts = [[5, 9, 14], [7, 3, 22, 40, 41, 2, 11], [30]]
+    batched = sample_batch(model, prompts, 6, eos_ids=set(), seed=0, temperature=0)
+    for p, toks in zip(prompts, batched):
+        assert toks == generate(model, p, 6, FullDepth()).tokens

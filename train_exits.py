@@ -1,0 +1,378 @@
+"""Train ADEPT's exit router with the preference reward R = λ·T − β·C, and evaluate it.
+
+    python train_exits.py                 # default model: data, targets, training, evaluation
+    python train_exits.py --eval          # evaluate the shipped router only
+
+Targets (ADEPT.md §3). One full-depth pass gives, for token j and layer i, the state
+(h, q, k, v) and T(i,j) = 1 if the shared head at layer i predicts the full model's
+argmax (what greedy generation needs), else 0; C(i) = i/L. With R(i) = λ·T(i) − β·C(i)
+the soft label of Exit over Continue at layer i is σ(R(i) − max_{i'>i} R(i')): the
+Bradley–Terry preference of exiting now over the best later exit. The router is
+trained on it with binary cross-entropy, the base model frozen.
+
+Data, without downloads: text the model generates itself from built-in prompts, and
+English docstrings of the Python standard library ("human text"), or your own files
+with --data. Whole documents are held out, never seen in training.
+"""
+import argparse
+import importlib
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adept import (DEFAULT_EXITS, Confidence, FullDepth, Router, RouterPolicy, Static, Stats, forward_tokens, model_id,
+                   router_features, sample)
+from model import UserError, default_checkpoint, load
+
+CHAT_PROMPTS = [
+    "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",
+    "How does a refrigerator work?", "Write a short poem about the sea.", "What causes the seasons on Earth?",
+    "Summarise the plot of Romeo and Juliet.", "How do I make a cup of tea?", "What is a prime number? Give examples.",
+    "Why is the sky blue?", "Describe the water cycle.", "What are the benefits of regular exercise?",
+    "Write a haiku about autumn leaves.", "How do vaccines work?", "Explain what a computer program is to a child.",
+    "List five fruits and one fact about each.", "What is the difference between weather and climate?",
+    "How do airplanes stay in the air?", "Write a short story about a lost dog finding its way home.",
+    "What is gravity?", "Give advice to someone starting their first job.", "How do bees make honey?",
+    "Explain how to add two fractions.", "What were the main causes of the First World War?",
+    "Describe a healthy breakfast.", "What is machine learning?", "How can I save money each month?",
+    "Write a thank-you note to a teacher.", "Why do we need sleep?", "What is the tallest mountain in the world?",
+    "Explain the rules of chess briefly.", "How does the internet work?", "What is democracy?",
+    "Write a recipe for pancakes.", "How do plants grow from seeds?", "What is the speed of light?",
+    "Explain what DNA is.", "Describe the planet Mars.", "What should I pack for a beach holiday?",
+    "Write a Python function that reverses a string.", "What is inflation in economics?", "How do earthquakes happen?",
+]
+PLAIN_PROMPTS = [
+    "Once upon a time, in a small village by the sea,", "The history of the bicycle begins", "In this tutorial, we will learn",
+    "The city council met on Tuesday to discuss", "Scientists have discovered a new species of", "My favourite season is",
+    "The recipe calls for two cups of flour,", "def fibonacci(n):\n    \"\"\"Return", "Dear Sir or Madam,\nI am writing to",
+    "The most important lesson I learned at school was", "Chapter 1\n\nThe rain had not stopped for three days", "Water boils at",
+]
+STDLIB = ["argparse", "collections", "json", "csv", "functools", "itertools", "pathlib", "subprocess", "threading",
+          "unittest", "logging", "datetime", "decimal", "fractions", "statistics", "random", "textwrap", "difflib",
+          "heapq", "bisect", "shutil", "tempfile", "zipfile", "email.message", "http.client", "urllib.request",
+          "sqlite3", "asyncio", "typing", "dataclasses", "enum", "contextlib", "inspect", "pickle", "socket", "re",
+          "string", "calendar", "glob", "os", "io", "abc", "copy", "queue", "sched", "uuid", "zlib", "hashlib"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def docstrings(modules=STDLIB):
+    """Long docstrings of standard-library modules, classes and functions: English prose on every machine."""
+    out = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            if (inspect.ismodule(obj) and obj is not mod) or not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 300 and (obj is mod or getattr(obj, "__module__", None) == name):
+                out.append(doc)
+    return list(dict.fromkeys(out))
+
+
+def chunks(ids, size):
+    return [ids[i:i + size] for i in range(0, len(ids) - size // 4, size)]
+
+
+@torch.no_grad()
+def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7, top_p=0.9):
+    """Full-depth sampling of many prompts at once, for training data only.
+
+    Prompts are left-padded to one length. RoPE depends only on relative position, so a
+    row shifted right by its padding computes what it would alone; padded keys are
+    masked out, and each pad position attends to itself only (a row with nothing to
+    attend to would make NaNs).
+    """
+    B, P, T = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
+    pad = torch.tensor([P - len(p) for p in prompts])
+    real = torch.arange(T)[None] >= pad[:, None]                     # [B, T]: this position holds a real token
+    cache = model.new_cache(B, T)
+    g = torch.Generator().manual_seed(seed)
+    x, start = torch.tensor([[0] * (P - len(p)) + p for p in prompts]), 0
+    out, done = [[] for _ in prompts], [False] * B
+    for _ in range(max_new_tokens):
+        pos, keys = torch.arange(start, start + x.shape[1]), torch.arange(start + x.shape[1])
+        mask = ((pos[:, None] >= keys)[None] & real[:, None, :len(keys)]) | (pos[:, None] == keys)[None]  # [B, n, end]
+        h = model.tok_emb[x]
+        for i in range(model.config.n_layers):
+            h, _ = model.layer(i, h, pos, cache, mask[:, None])      # mask [B, 1, n, end] broadcasts over heads
+        logits = model.head(h[:, -1])
+        nxt = [sample(logits[b], temperature, None, top_p, g) for b in range(B)]
+        for b, t in enumerate(nxt):
+            done[b] = done[b] or t in eos_ids
+            if not done[b]:
+                out[b].append(t)
+        if all(done):
+            break
+        x, start = torch.tensor(nxt)[:, None], start + x.shape[1]
+    return out
+
+
+def build_data(model, tok, args):
+    """Sequences (ids, score_from): the tokens from score_from on are the text that is trained and scored."""
+    rng = random.Random(args.seed)
+    prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in CHAT_PROMPTS] + [tok.encode(p) for p in PLAIN_PROMPTS]
+    gen = []
+    for b in range(0, len(prompts), 16):
+        batch = prompts[b:b + 16]
+        for ids, toks in zip(batch, sample_batch(model, batch, args.max_new_tokens, tok.eos_ids, args.seed + b)):
+            if len(toks) >= 8:
+                gen.append((ids + toks, len(ids)))
+        print(f"\rgenerating text: {min(b + 16, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    docs = [Path(f).read_text() for f in args.data] if args.data else docstrings()
+    rng.shuffle(docs)
+    human = [(c, 0) for d in docs for c in chunks(tok.encode(d), 128)]
+    rng.shuffle(gen)
+    k_gen, k_hum = max(1, len(gen) // 5), max(1, len(human) // 10)  # held out by whole document
+    human_heldout, human_train = human[:k_hum], human[k_hum:][:args.human_chunks]
+    return {"train": gen[k_gen:] + human_train, "heldout_generated": gen[:k_gen], "heldout_human": human_heldout[:args.eval_chunks]}
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def preference_labels(T, lam, beta):
+    """Soft labels σ(R(i) − max_{i'>i} R(i')) for layers i = 1..L-1, from T [L, N] (layer L last)."""
+    L = T.shape[0]
+    C = torch.arange(1, L + 1, dtype=T.dtype)[:, None] / L
+    R = lam * T - beta * C
+    best_from = R.flip(0).cummax(0).values.flip(0)  # best_from[i] = max over layers >= i
+    return torch.sigmoid(R[:-1] - best_from[1:])
+
+
+@torch.no_grad()
+def targets(model, seqs):
+    """Router features [L-1, N, F] and T [L, N] for the scored tokens of every sequence."""
+    feats, agree = [], []
+    for ids, start in seqs:
+        hs = []
+        final = model(torch.tensor([ids]), hidden_states=hs)[0, start:].argmax(-1)
+        feats.append(torch.stack([router_features(model, h[0, start:], q[0, start:], k[0, start:], v[0, start:])
+                                  for h, q, k, v in hs[:-1]]))
+        agree.append(torch.stack([model.head(h[0, start:], i + 1).argmax(-1) == final for i, (h, *_) in enumerate(hs)]))
+    return torch.cat(feats, 1), torch.cat(agree, 1).float()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: an interrupted run never leaves a half-written file."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True):
+    """BCE on the soft labels, all layers' routers at once. Resumes from `ckpt` if it exists; returns epoch losses."""
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    start, losses = 0, []
+    if ckpt and Path(ckpt).is_file():
+        state = torch.load(ckpt, weights_only=True)
+        router.load_state_dict(state["router"])
+        opt.load_state_dict(state["opt"])
+        start, losses = state["epoch"], state["losses"]
+    N = feats.shape[1]
+    from tqdm import tqdm
+    for epoch in range(start, epochs):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + epoch))  # same order on resume
+        total = 0.0
+        bar = tqdm(range(0, N, batch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for b in bar:
+            idx = order[b:b + batch]
+            logits = torch.stack([router(i + 1, feats[i, idx]) for i in range(feats.shape[0])])  # [L-1, n]
+            loss = F.binary_cross_entropy_with_logits(logits, labels[:, idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses.append(total / N)
+        if progress:
+            print(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}", file=sys.stderr)
+        if ckpt:
+            save_atomic({"router": router.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "losses": losses}, ckpt)
+        if stop_after is not None and epoch + 1 >= stop_after:
+            break
+    return losses
+
+
+def pick_threshold(router, feats, T, target):
+    """The lowest mean exit layer whose simulated agreement (full-depth states) reaches `target`, on training data."""
+    with torch.no_grad():
+        p = torch.stack([torch.sigmoid(router(i + 1, feats[i])) for i in range(feats.shape[0])])  # [L-1, N]
+    L = T.shape[0]
+    best = (1.0, L)
+    for tau in [x / 100 for x in range(2, 100, 2)]:
+        fires = torch.cat([p >= tau, torch.ones(1, p.shape[1], dtype=torch.bool)])
+        exit_at = fires.float().argmax(0)                                     # first layer that fires (0-based)
+        agreement = T.gather(0, exit_at[None])[0].mean()
+        if agreement >= target and float(exit_at.float().mean()) + 1 < best[1]:
+            best = (tau, float(exit_at.float().mean()) + 1)
+    return best[0]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, seqs, policy, full_logits):
+    """Teacher-forced through the real ADEPT path: agreement with the full model's argmax, perplexity, costs."""
+    stats, agree, nll, n_agree, n_nll = Stats(), 0, 0.0, 0, 0
+    for (ids, start), full in zip(seqs, full_logits):
+        cache = model.new_cache(1, len(ids))
+        t = torch.tensor(ids)
+        if start:
+            forward_tokens(model, t[:start], 0, cache, FullDepth(), Stats())  # context, not scored
+        logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
+        agree += int((logits.argmax(-1) == full).sum())
+        n_agree += len(full)
+        nll += float(F.cross_entropy(logits[:-1].float(), t[start + 1:], reduction="sum"))
+        n_nll += len(full) - 1
+    return {"mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved, "agreement": agree / n_agree,
+            "ppl": math.exp(nll / n_nll), "head_macs": stats.head_macs, "router_macs": stats.router_macs, "fill_macs": stats.fill_macs}
+
+
+def sweep(model, router, seqs):
+    L = model.config.n_layers
+    settings = {"static": [12, 16, 20, 24, 26, 28, 29, 30], "confidence": [0.5, 0.8, 0.9, 0.95, 0.99, 0.999],
+                "entropy": [2.0, 1.0, 0.5, 0.2, 0.05, 0.01], "router": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+    make = {"static": lambda s: Static(min(s, L), L), "confidence": lambda s: Confidence(s),
+            "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
+            "router": lambda s: RouterPolicy(router, s)}
+    with torch.no_grad():
+        full_logits = [model(torch.tensor([ids]))[0, start:].argmax(-1) for ids, start in seqs]
+        full = evaluate(model, seqs, FullDepth(), full_logits)
+    rows = [{"policy": "full", "setting": None, **full}]
+    for name, values in settings.items():
+        if name == "router" and router is None:
+            continue
+        for s in values:
+            rows.append({"policy": name, "setting": s, **evaluate(model, seqs, make[name](s), full_logits)})
+            print(f"\r  {name} {s}: agreement {rows[-1]['agreement']:.1%}, saved {rows[-1]['compute_saved']:.1%}   ",
+                  end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return rows
+
+
+def report(results, plot_path=None):
+    lines = []
+    for text, rows in results.items():
+        full_ppl = rows[0]["ppl"]
+        lines += [f"\n### held-out {text} text\n", "| policy | setting | mean exit layer | compute saved | argmax agreement | ppl (full: %.1f) |" % full_ppl,
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['policy']} | {r['setting'] if r['setting'] is not None else ''} | {r['mean_exit_layer']:.1f} | "
+                  f"{r['compute_saved']:.1%} | {r['agreement']:.1%} | {r['ppl']:.1f} |" for r in rows]
+    if plot_path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+        for ax, (text, rows) in zip(axes[0], results.items()):
+            for pol in dict.fromkeys(r["policy"] for r in rows):
+                pts = sorted((r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
+                ax.plot(*zip(*pts), "o-" if pol != "full" else "k*", label=pol, markersize=4)
+            ax.set(title=f"held-out {text} text", xlabel="compute saved (MAC counters; <0 = costs more)",
+                   ylabel="argmax agreement with full model", ylim=(0, 1.02))
+            ax.set_xlim(left=max(ax.get_xlim()[0], -0.5))
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=110)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default=None, help=f"router file to write (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)} for the default model)")
+    p.add_argument("--data", nargs="+", help="your own text files as the human text (default: stdlib docstrings)")
+    p.add_argument("--lam", type=float, default=4.0, help="λ, weight of task performance T")
+    p.add_argument("--beta", type=float, default=1.0, help="β, weight of compute cost C = i/L")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=16, help="router hidden units per layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length of each generated text")
+    p.add_argument("--human-chunks", type=int, default=40, help="128-token chunks of human text to train on")
+    p.add_argument("--eval-chunks", type=int, default=8, help="held-out chunks of human text to evaluate on")
+    p.add_argument("--target-agreement", type=float, default=0.92, help="default threshold: lowest depth reaching this on training data")
+    p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
+    p.add_argument("--json", help="write the evaluation here")
+    p.add_argument("--plot", default="runs/exits.png", help="PNG of quality against compute")
+    p.add_argument("--force", action="store_true", help="overwrite an existing router file")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model, tok = load(args.checkpoint or default_checkpoint())
+    out = Path(args.out) if args.out else DEFAULT_EXITS
+    if args.checkpoint and not args.out:
+        raise UserError("with --checkpoint, name the router file to write with --out")
+    runs = Path("runs")
+    runs.mkdir(exist_ok=True)
+    t0 = time.time()
+    data_file = runs / f"data-{model_id(model).replace(':', '-')}-s{args.seed}-n{args.max_new_tokens}.json"
+    if data_file.is_file() and not args.data:
+        data = json.loads(data_file.read_text())
+    else:
+        data = build_data(model, tok, args)
+        if not args.data:
+            data_file.write_text(json.dumps(data))
+    print(f"data: {sum(len(i) - s for i, s in data['train'])} training tokens, "
+          f"{sum(len(i) - s for i, s in data['heldout_generated'])} held-out generated, "
+          f"{sum(len(i) - s for i, s in data['heldout_human'])} held-out human ({time.time() - t0:.0f}s)", file=sys.stderr)
+
+    if args.eval:
+        router = Router.load(out, model)
+    else:
+        if out.exists() and not args.force and not args.eval:
+            raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+        feats, T = targets(model, data["train"])
+        labels = preference_labels(T, args.lam, args.beta)
+        print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
+              f"agreement by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
+        torch.manual_seed(args.seed)
+        router = Router(model.config.n_layers, feats.shape[2], args.hidden)
+        router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
+        n_val = feats.shape[1] // 10
+        train(router, feats[:, n_val:], labels[:, n_val:], args.epochs, seed=args.seed,
+              ckpt=runs / f"{out.stem}.resume.pt")
+        threshold = pick_threshold(router, feats[:, :n_val], T[:, :n_val], args.target_agreement)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "n_layers": model.config.n_layers,
+                                         "dim": model.config.dim, "threshold": threshold, "lam": args.lam, "beta": args.beta,
+                                         "seed": args.seed, "epochs": args.epochs})
+        os.replace(f"{out}.tmp", out)
+        (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
+        router.meta["threshold"] = str(threshold)
+        print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
+    results = {"generated": sweep(model, router, data["heldout_generated"]), "human": sweep(model, router, data["heldout_human"])}
+    default = {k: {"threshold": float(router.meta["threshold"]),
+                   **evaluate(model, v, RouterPolicy(router), [model(torch.tensor([i]))[0, s:].argmax(-1) for i, s in v])}
+               for k, v in (("generated", data["heldout_generated"]), ("human", data["heldout_human"]))}
+    print(report(results, args.plot))
+    for k, r in default.items():
+        print(f"\nshipped threshold {r['threshold']} on held-out {k} text: agreement {r['agreement']:.1%}, "
+              f"mean exit layer {r['mean_exit_layer']:.1f} of {model.config.n_layers}, compute saved {r['compute_saved']:.1%}, ppl {r['ppl']:.1f}")
+    print(f"\nplot: {args.plot}; total {time.time() - t0:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"router": str(out), "sweep": results, "default_threshold": default}, indent=2))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
