@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kv_cache import fill_decoupled
+from kv_cache import fill_decoupled, fill_sequential
 from model import UserError
 
 # ----------------------------------------------------------------------------- cost accounting
@@ -181,11 +181,15 @@ class Router(torch.nn.Module):
 
 
 class RouterPolicy(Policy):
-    """The learned ADEPT policy: exit when the router's P(exit) reaches the threshold τ."""
-    def __init__(self, router, threshold=None, min_layer=1):
+    """The learned ADEPT policy: exit when the router's P(exit) reaches the threshold τ.
+
+    The threshold and minimum exit layer default to those the router file was trained with.
+    """
+    def __init__(self, router, threshold=None, min_layer=None):
         threshold = float(router.meta.get("threshold", 0.5)) if threshold is None else threshold
         check_range("router threshold", threshold, 0.0, 1.0)
-        self.router, self.threshold, self.min_layer = router, threshold, min_layer
+        self.router, self.threshold = router, threshold
+        self.min_layer = int(router.meta.get("min_layer", 1)) if min_layer is None else min_layer
 
     def decide(self, model, i, pos, h, q, k, v, stats):
         stats.router_macs += len(pos) * self.router.macs()
@@ -206,7 +210,12 @@ def check_range(what, x, lo, hi):
 # ----------------------------------------------------------------------------- the forward pass with exits
 
 
-def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False):
+# How the K/V of skipped layers are produced: ADEPT's batched fill, the layer-by-layer
+# reference, or not at all (the cache then masks those slots out: an ablation).
+KV_FILLS = {"decoupled": fill_decoupled, "sequential": fill_sequential, "none": None}
+
+
+def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False, kv_fill="decoupled"):
     """Run tokens ids [n] (batch of one sequence) at positions start.. through the model with per-token exit.
 
     Only active tokens are computed at each layer; they attend causally to every
@@ -232,8 +241,9 @@ def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False):
         gone = active[out]
         exit_layer[gone] = i
         h_exit[gone] = h[0, out]
-        fill_decoupled(cache, model, h[0, out], pos[gone], exit_layer[gone])
-        stats.fill_macs += len(gone) * (L - i) * c.dim * 2 * c.kv_dim
+        if KV_FILLS[kv_fill]:
+            KV_FILLS[kv_fill](cache, model, h[0, out], pos[gone], exit_layer[gone])
+            stats.fill_macs += len(gone) * (L - i) * c.dim * 2 * c.kv_dim
         active, h = active[~out], h[:, ~out]
         if len(active) == 0:
             break
@@ -294,7 +304,7 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, top_k=None, top_p=1.0,
-             seed=None, eos_ids=(), on_token=None) -> Generation:
+             seed=None, eos_ids=(), on_token=None, kv_fill="decoupled") -> Generation:
     """Prefill the prompt, then decode token by token, each token exiting where the policy says.
 
     on_token(token_id, exit_layer) is called as each token is produced (for streaming).
@@ -306,11 +316,11 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
     if len(prompt_ids) == 0:
         raise UserError("the prompt is empty; give some text with --prompt")
     device = model.tok_emb.device
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, mask_unwritten=kv_fill == "none")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     out = Generation([], [], [])
     t0 = time.perf_counter()
-    logits, e = forward_tokens(model, torch.tensor(prompt_ids, device=device), 0, cache, policy, out.prefill)
+    logits, e = forward_tokens(model, torch.tensor(prompt_ids, device=device), 0, cache, policy, out.prefill, kv_fill=kv_fill)
     out.prompt_exit_layers = e.tolist()
     step_exit = int(e[-1])
     sync(device)
@@ -324,7 +334,8 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
             on_token(token, step_exit)
         if token in eos_ids or step == max_new_tokens - 1:
             break
-        logits, e = forward_tokens(model, torch.tensor([token], device=device), len(prompt_ids) + step, cache, policy, out.decode)
+        logits, e = forward_tokens(model, torch.tensor([token], device=device), len(prompt_ids) + step, cache, policy,
+                                   out.decode, kv_fill=kv_fill)
         step_exit = int(e[0])
     out.decode_s = time.perf_counter() - t0
     return out
@@ -339,10 +350,14 @@ DEFAULT_EXITS = Path(__file__).resolve().parent / "exits" / "smollm2-135m-instru
 POLICIES = ("router", "confidence", "entropy", "static", "full")
 
 
-def make_policy(name, model, threshold=None, min_layer=1, exit_layer=None, exits=None):
-    """Build a policy from command-line settings; threshold None = the policy's default."""
+def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None):
+    """Build a policy from command-line settings; None = the policy's default."""
     L = model.config.n_layers
-    check_range("--min-layer", min_layer, 1, L)
+    if min_layer is not None:
+        check_range("--min-layer", min_layer, 1, L)
+    if name == "router":
+        return RouterPolicy(Router.load(exits or DEFAULT_EXITS, model), threshold, min_layer)
+    min_layer = min_layer or 1
     if name == "full":
         return FullDepth()
     if name == "static":
@@ -350,6 +365,4 @@ def make_policy(name, model, threshold=None, min_layer=1, exit_layer=None, exits
     if name in ("confidence", "entropy"):
         default = 0.9 if name == "confidence" else 0.5
         return Confidence(default if threshold is None else threshold, min_layer, name == "entropy", model.config.vocab_size)
-    if name == "router":
-        return RouterPolicy(Router.load(exits or DEFAULT_EXITS, model), threshold, min_layer)
     raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

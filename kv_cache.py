@@ -17,13 +17,19 @@ CHECK_WRITES = False  # tests set this: every read then asserts that its slots w
 
 
 class KVCache:
-    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once."""
+    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once.
 
-    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device):
+    mask_unwritten=True is the ablation that ADEPT argues against: skipped layers are
+    left empty and attention masks them out, instead of reading a filled entry.
+    """
+
+    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device, mask_unwritten=False):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if CHECK_WRITES else None
+        self.mask_unwritten = mask_unwritten
+        track = CHECK_WRITES or mask_unwritten
+        self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if track else None
 
     @property
     def max_len(self):
@@ -37,11 +43,14 @@ class KVCache:
             self.written[i, pos] = True
 
     def read(self, i, end):
-        """Layer i's keys and values at positions [0, end): two views [B, n_kv_heads, end, head_dim]."""
+        """Layer i's keys and values at positions [0, end): two views [B, n_kv_heads, end, head_dim],
+        and which of those positions may be attended to ([end] bool), or None for all."""
+        if self.mask_unwritten:
+            return self.k[i, :, :, :end], self.v[i, :, :, :end], self.written[i, :end]
         if self.written is not None and not bool(self.written[i, :end].all()):
             missing = (~self.written[i, :end]).nonzero().flatten().tolist()
             raise AssertionError(f"layer {i}: positions {missing[:8]} read from the KV cache before being written")
-        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+        return self.k[i, :, :, :end], self.v[i, :, :, :end], None
 
 
 def skipped_kv(model, h, pos, layers):

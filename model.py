@@ -130,12 +130,13 @@ class Transformer(torch.nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    def new_cache(self, batch, max_len) -> KVCache:
+    def new_cache(self, batch, max_len, mask_unwritten=False) -> KVCache:
         c = self.config
         if max_len > c.max_seq_len:
             raise UserError(f"{max_len} tokens exceed the model's context length of {c.max_seq_len}; "
                             "use a shorter prompt or fewer new tokens")
-        return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype, self.tok_emb.device)
+        return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype, self.tok_emb.device,
+                       mask_unwritten)
 
     def layer(self, i, h, pos, cache, mask=None):
         """Run layer i on the tokens of h at positions pos; return the new h and the layer's (q, k, v).
@@ -154,7 +155,9 @@ class Transformer(torch.nn.Module):
         kr = self.rope(k.view(B, n, c.n_kv_heads, c.head_dim), pos)
         cache.write(i, pos, kr, v.view(B, n, c.n_kv_heads, c.head_dim))
         end = mask.shape[-1] if mask is not None else int(pos[-1]) + 1
-        keys, values = cache.read(i, end)                                      # [B, kv_heads, end, hd]
+        keys, values, valid = cache.read(i, end)                               # [B, kv_heads, end, hd]
+        if valid is not None:  # the empty-KV ablation: skipped layers' slots are masked out
+            mask = valid[None] if mask is None else mask & valid  # [n, end]; a token always sees itself
         a = F.scaled_dot_product_attention(qr.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         h = h + a.transpose(1, 2).reshape(B, n, D) @ self.wo[i]               # [B, heads, n, hd] -> [B, n, D]
         x = F.rms_norm(h, (D,), self.ffn_norm[i], c.norm_eps)

@@ -32,7 +32,7 @@ def parse_args(argv=None):
                    help="exit policy (default: router when a router for the model exists, else full)")
     p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
-    p.add_argument("--min-layer", type=int, default=1, help="no token exits before this layer")
+    p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")
     p.add_argument("--exit-layer", type=int, default=None, help="the layer of the static policy (default 24)")
     p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")
     p.add_argument("--no-color", action="store_true", help="plain text with [depth] after each token")

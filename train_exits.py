@@ -207,18 +207,16 @@ def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, 
     return losses
 
 
-def pick_threshold(router, feats, T, target):
-    """The lowest mean exit layer whose simulated agreement (full-depth states) reaches `target`, on training data."""
+def pick_threshold(model, router, min_layer, seqs, target):
+    """The threshold with the lowest mean exit layer whose agreement reaches `target` on validation sequences,
+    measured through the real ADEPT path (exits change later tokens through the KV fill)."""
     with torch.no_grad():
-        p = torch.stack([torch.sigmoid(router(i + 1, feats[i])) for i in range(feats.shape[0])])  # [L-1, N]
-    L = T.shape[0]
-    best = (1.0, L)
-    for tau in [x / 100 for x in range(2, 100, 2)]:
-        fires = torch.cat([p >= tau, torch.ones(1, p.shape[1], dtype=torch.bool)])
-        exit_at = fires.float().argmax(0)                                     # first layer that fires (0-based)
-        agreement = T.gather(0, exit_at[None])[0].mean()
-        if agreement >= target and float(exit_at.float().mean()) + 1 < best[1]:
-            best = (tau, float(exit_at.float().mean()) + 1)
+        full = [model(torch.tensor([ids]))[0, start:].argmax(-1) for ids, start in seqs]
+    best = (THRESHOLDS[-1], float(model.config.n_layers))
+    for tau in THRESHOLDS:
+        r = evaluate(model, seqs, RouterPolicy(router, tau, min_layer), full)
+        if r["agreement"] >= target and r["mean_exit_layer"] < best[1]:
+            best = (tau, r["mean_exit_layer"])
     return best[0]
 
 
@@ -243,13 +241,16 @@ def evaluate(model, seqs, policy, full_logits):
             "ppl": math.exp(nll / n_nll), "head_macs": stats.head_macs, "router_macs": stats.router_macs, "fill_macs": stats.fill_macs}
 
 
+THRESHOLDS = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+
+
 def sweep(model, router, seqs):
     L = model.config.n_layers
-    settings = {"static": [12, 16, 20, 24, 26, 28, 29, 30], "confidence": [0.5, 0.8, 0.9, 0.95, 0.99, 0.999],
-                "entropy": [2.0, 1.0, 0.5, 0.2, 0.05, 0.01], "router": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+    settings = {"static": [12, 16, 20, 24, 26, 28, 29, 30], "confidence": [0.5, 0.9, 0.99, 0.999, 0.9999],
+                "entropy": [2.0, 0.5, 0.05, 0.01, 0.001], "router": THRESHOLDS}
     make = {"static": lambda s: Static(min(s, L), L), "confidence": lambda s: Confidence(s),
             "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
-            "router": lambda s: RouterPolicy(router, s)}
+            "router": lambda s: RouterPolicy(router, s)}  # with the router file's minimum exit layer
     with torch.no_grad():
         full_logits = [model(torch.tensor([ids]))[0, start:].argmax(-1) for ids, start in seqs]
         full = evaluate(model, seqs, FullDepth(), full_logits)
@@ -302,13 +303,16 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", help="your own text files as the human text (default: stdlib docstrings)")
     p.add_argument("--lam", type=float, default=4.0, help="λ, weight of task performance T")
     p.add_argument("--beta", type=float, default=1.0, help="β, weight of compute cost C = i/L")
+    p.add_argument("--min-layer", type=int, default=12,
+                   help="no exit before this layer: a shallow exit fills every deeper layer's K/V from a shallow state, "
+                        "which misleads all later tokens")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=16, help="router hidden units per layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of each generated text")
     p.add_argument("--human-chunks", type=int, default=40, help="128-token chunks of human text to train on")
     p.add_argument("--eval-chunks", type=int, default=8, help="held-out chunks of human text to evaluate on")
-    p.add_argument("--target-agreement", type=float, default=0.92, help="default threshold: lowest depth reaching this on training data")
+    p.add_argument("--target-agreement", type=float, default=0.9, help="default threshold: lowest depth reaching this on validation text")
     p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
     p.add_argument("--json", help="write the evaluation here")
     p.add_argument("--plot", default="runs/exits.png", help="PNG of quality against compute")
@@ -330,7 +334,7 @@ def main(argv=None):
         data = build_data(model, tok, args)
         if not args.data:
             data_file.write_text(json.dumps(data))
-    print(f"data: {sum(len(i) - s for i, s in data['train'])} training tokens, "
+    print(f"data: {sum(len(i) - s for i, s in data['train'])} training (and validation) tokens, "
           f"{sum(len(i) - s for i, s in data['heldout_generated'])} held-out generated, "
           f"{sum(len(i) - s for i, s in data['heldout_human'])} held-out human ({time.time() - t0:.0f}s)", file=sys.stderr)
 
@@ -339,24 +343,23 @@ def main(argv=None):
     else:
         if out.exists() and not args.force and not args.eval:
             raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
-        feats, T = targets(model, data["train"])
+        n_val = max(1, len(data["train"]) // 10)  # validation sequences (for the threshold), not trained on
+        val, train_seqs = data["train"][:n_val], data["train"][n_val:]
+        feats, T = targets(model, train_seqs)
         labels = preference_labels(T, args.lam, args.beta)
         print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
               f"agreement by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
         torch.manual_seed(args.seed)
         router = Router(model.config.n_layers, feats.shape[2], args.hidden)
         router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
-        n_val = feats.shape[1] // 10
-        train(router, feats[:, n_val:], labels[:, n_val:], args.epochs, seed=args.seed,
-              ckpt=runs / f"{out.stem}.resume.pt")
-        threshold = pick_threshold(router, feats[:, :n_val], T[:, :n_val], args.target_agreement)
+        train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt")
+        threshold = pick_threshold(model, router, args.min_layer, val, args.target_agreement)
         out.parent.mkdir(parents=True, exist_ok=True)
         router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "n_layers": model.config.n_layers,
-                                         "dim": model.config.dim, "threshold": threshold, "lam": args.lam, "beta": args.beta,
-                                         "seed": args.seed, "epochs": args.epochs})
+                                         "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer,
+                                         "lam": args.lam, "beta": args.beta, "seed": args.seed, "epochs": args.epochs})
         os.replace(f"{out}.tmp", out)
         (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
-        router.meta["threshold"] = str(threshold)
         print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
     results = {"generated": sweep(model, router, data["heldout_generated"]), "human": sweep(model, router, data["heldout_human"])}
     default = {k: {"threshold": float(router.meta["threshold"]),

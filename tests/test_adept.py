@@ -216,3 +216,23 @@ def test_router_for_another_model_is_refused(tiny, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable router file"):
         Router.load(tmp_path / "junk.safetensors", model)
+
+
+def test_kv_fill_modes(tiny):
+    """sequential fill = decoupled fill through the whole generation; 'none' leaves skipped slots empty and masked."""
+    model, *_ = tiny
+    L, ids = model.config.n_layers, prompt(model, 10).tolist()
+    pattern = Pattern([2, L, 1, 3, L, 2, 4, 1, L, 5] + [3] * 6)
+    runs = {fill: generate(model, ids, 6, pattern, kv_fill=fill) for fill in ("decoupled", "sequential", "none")}
+    assert runs["decoupled"].tokens == runs["sequential"].tokens
+    assert runs["none"].decode.fill_macs == 0 and runs["decoupled"].decode.fill_macs > 0
+    cache = model.new_cache(1, 10, mask_unwritten=True)
+    with torch.no_grad():
+        logits, _ = forward_tokens(model, prompt(model, 10), 0, cache, pattern, Stats(), all_logits=True, kv_fill="none")
+    assert torch.isfinite(logits).all()
+    assert cache.written[:, 2].tolist() == [True] + [False] * (L - 1)  # token 2 exited at layer 1: nothing above
+    decoupled, _, _ = run(model, prompt(model, 10), pattern)
+    assert not torch.allclose(logits, decoupled)  # later tokens lost the skipped layers' keys
+    # with nothing skipped, the modes agree exactly
+    full_none = generate(model, ids, 4, FullDepth(), kv_fill="none")
+    assert full_none.tokens == generate(model, ids, 4, FullDepth()).tokens
