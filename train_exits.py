@@ -281,12 +281,11 @@ def report(results, plot_path=None):
         fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
         for ax, (text, rows) in zip(axes[0], results.items()):
             for pol in dict.fromkeys(r["policy"] for r in rows):
-                pts = sorted((r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
+                pts = sorted((1 - r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
                 ax.plot(*zip(*pts), "o-" if pol != "full" else "k*", label=pol, markersize=4)
-            ax.set(title=f"held-out {text} text", xlabel="compute saved (MAC counters; <0 = costs more)",
-                   ylabel="argmax agreement with full model", ylim=(0, 1.02))
-            ax.set_xlim(left=max(ax.get_xlim()[0], -0.5))
-            ax.grid(alpha=0.3)
+            ax.set(title=f"held-out {text} text", xlabel="compute relative to full depth (MAC counters, log scale)",
+                   ylabel="argmax agreement with full model", ylim=(0, 1.02), xscale="log")
+            ax.grid(alpha=0.3, which="both")
             ax.legend()
         fig.tight_layout()
         fig.savefig(plot_path, dpi=110)
