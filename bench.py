@@ -34,8 +34,7 @@ from sample import DTYPES
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
-           "Describe a typical day of a baker.", "What is the difference between a virus and a bacterium?",
-           "Write a Python function that checks whether a number is prime."]
+           "Describe a typical day of a baker."]
 PARAGRAPH = "Explain in a short paragraph why the sky is blue."
 
 
@@ -177,7 +176,7 @@ def main(argv=None):
     L = model.config.n_layers
     exits = args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None)
     repeats = args.repeats or (1 if args.quick else 3)
-    n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 48)
+    n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.encode(tok.chat(q) if tok.has_chat else q) for q in PROMPTS[:n_prompts]]
     context = model.config.max_seq_len
     prefill_lens = [n for n in ((128,) if args.quick else (512, 2048)) if n + 16 <= context] or [context // 2]
