@@ -150,7 +150,7 @@ def plots(records, model, tok, router_policy, out_dir):
         if "\n" in piece or x > 0.93:
             x, y = 0.0, y - 0.09
         piece = piece.replace("\n", " ")
-        txt = ax.text(x, y, piece, fontsize=11, family="monospace", va="top",
+        ax.text(x, y, piece, fontsize=11, family="monospace", va="top",
                       bbox=dict(boxstyle="square,pad=0.1", fc=cmap((e - 1) / (L - 1)), ec="none"))
         x += 0.0123 * max(len(piece), 1)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(1, L))

@@ -8,7 +8,6 @@
 import pytest
 import torch
 
-import kv_cache
 from adept import (Confidence, FullDepth, Oracle, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
                    make_policy, model_id)
 from conftest import reference_forward

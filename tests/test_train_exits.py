@@ -102,3 +102,30 @@ def test_batched_sampling_equals_one_prompt_at_a_time(tiny):
     batched = sample_batch(model, prompts, 6, eos_ids=set(), seed=0, temperature=0)
     for p, toks in zip(prompts, batched):
         assert toks == generate(model, p, 6, FullDepth()).tokens
+
+
+def test_train_exits_command_end_to_end(tiny, tmp_path):
+    """Train, write the router with its metadata, evaluate, refuse to overwrite; then --eval reloads it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from conftest import TEXT
+    model, *_, ckpt = tiny
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "r.safetensors"
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_exits.py"), "--checkpoint", str(ckpt),
+           "--out", str(out), "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12", "--epochs", "2",
+           "--min-layer", "2", "--json", str(tmp_path / "eval.json")]
+    run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    loaded = Router.load(out, model)
+    assert loaded.meta["min_layer"] == "2" and loaded.meta["lam"] == "4.0"
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert set(ev["sweep"]) == {"generated", "human"}
+    assert ev["default_threshold"]["generated"]["setting"] == float(loaded.meta["threshold"])
+    r = run()
+    assert r.returncode != 0 and "exists; pass --force" in r.stderr
+    r = run("--eval")
+    assert r.returncode == 0, r.stderr
