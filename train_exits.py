@@ -225,13 +225,14 @@ def pick_threshold(model, router, min_layer, seqs, target):
 
 @torch.no_grad()
 def evaluate(model, seqs, policy, full_logits):
-    """Teacher-forced through the real ADEPT path: agreement with the full model's argmax, perplexity, costs."""
+    """Teacher-forced through the real ADEPT path, prompt included (as in generation): agreement with the full
+    model's argmax, perplexity and costs of the scored tokens."""
     stats, agree, nll, n_agree, n_nll = Stats(), 0, 0.0, 0, 0
     for (ids, start), full in zip(seqs, full_logits):
         cache = model.new_cache(1, len(ids))
         t = torch.tensor(ids)
         if start:
-            forward_tokens(model, t[:start], 0, cache, FullDepth(), Stats())  # context, not scored
+            forward_tokens(model, t[:start], 0, cache, policy, Stats())  # the prompt: exits here change the cache
         logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
         agree += int((logits.argmax(-1) == full).sum())
         n_agree += len(full)
@@ -241,7 +242,7 @@ def evaluate(model, seqs, policy, full_logits):
             "ppl": math.exp(nll / n_nll), "head_macs": stats.head_macs, "router_macs": stats.router_macs, "fill_macs": stats.fill_macs}
 
 
-THRESHOLDS = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+THRESHOLDS = [0.3, 0.35, 0.4, 0.43, 0.45, 0.47, 0.49, 0.5]  # labels top out near σ(β/L) ≈ 0.51
 
 
 def sweep(model, router, seqs):
@@ -345,7 +346,9 @@ def main(argv=None):
             raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
         n_val = max(1, len(data["train"]) // 10)  # validation sequences (for the threshold), not trained on
         val, train_seqs = data["train"][:n_val], data["train"][n_val:]
-        feats, T = targets(model, train_seqs)
+        # Prompts are trained on too: in prefill the router decides for every prompt token (chat
+        # template included), and a router that never saw them exits some of them at random.
+        feats, T = targets(model, [(ids, 0) for ids, _ in train_seqs])
         labels = preference_labels(T, args.lam, args.beta)
         print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
               f"agreement by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
