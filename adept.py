@@ -52,7 +52,7 @@ class Stats:
 def layer_macs(c, pos):
     """MACs of one layer for tokens at positions pos [n], each attending to positions 0..p."""
     n, context = len(pos), int(pos.sum()) + len(pos)
-    return n * (c.dim * (c.dim + 2 * c.kv_dim) + c.dim * c.dim + 3 * c.dim * c.ffn_dim) + 2 * c.n_heads * c.head_dim * context
+    return n * (c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim) + 2 * c.q_dim * context
 
 
 # ----------------------------------------------------------------------------- exit policies

@@ -61,9 +61,9 @@ def skipped_kv(model, h, pos, layers):
     layer's norm weight is applied per layer; then one bmm projects through all of them.
     """
     c = model.config
-    D, S, n = c.dim, len(range(c.n_layers)[layers]), h.shape[0]
-    x = F.rms_norm(h, (D,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
-    kv = torch.bmm(x, model.wqkv[layers, :, D:])                                          # [S, n, 2*kv_dim]
+    S, n = len(range(c.n_layers)[layers]), h.shape[0]
+    x = F.rms_norm(h, (c.dim,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
+    kv = torch.bmm(x, model.wqkv[layers, :, c.q_dim:])                                          # [S, n, 2*kv_dim]
     k, v = kv.view(S, n, 2, c.n_kv_heads, c.head_dim).unbind(2)
     return model.rope(k, pos), v
 
@@ -97,5 +97,5 @@ def fill_sequential(cache, model, h, pos, exit_layer):
         p = pos[j:j + 1]
         for i in range(int(exit_layer[j]), c.n_layers):
             x = F.rms_norm(h[j], (c.dim,), model.attn_norm[i], c.norm_eps)
-            k, v = (x @ model.wqkv[i, :, c.dim:]).view(1, 1, 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n=1, ...]
+            k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, 1, 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n=1, ...]
             cache.write(i, p, model.rope(k, p), v)

@@ -10,10 +10,7 @@ import time
 import torch
 
 from adept import DEFAULT_EXITS, POLICIES, FullDepth, generate, make_policy
-from model import UserError, default_checkpoint, load
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from model import DTYPES, UserError, default_checkpoint, load
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

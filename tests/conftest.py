@@ -53,8 +53,8 @@ def hf_weights(cfg: dict, seed=0):
     """Random weights with Hugging Face names and [out, in] shapes."""
     g = torch.Generator().manual_seed(seed)
     D, F_, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = D // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * hd
+    hd = cfg.get("head_dim") or D // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     r = lambda *s: torch.randn(*s, generator=g) * 0.1  # gain ~1 per matmul at width 64
     w = {"model.embed_tokens.weight": r(V, D), "model.norm.weight": 1 + r(D)}
     if not cfg.get("tie_word_embeddings"):
@@ -62,8 +62,8 @@ def hf_weights(cfg: dict, seed=0):
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w |= {p + "input_layernorm.weight": 1 + r(D), p + "post_attention_layernorm.weight": 1 + r(D),
-              p + "self_attn.q_proj.weight": r(D, D), p + "self_attn.k_proj.weight": r(kv, D),
-              p + "self_attn.v_proj.weight": r(kv, D), p + "self_attn.o_proj.weight": r(D, D),
+              p + "self_attn.q_proj.weight": r(q, D), p + "self_attn.k_proj.weight": r(kv, D),
+              p + "self_attn.v_proj.weight": r(kv, D), p + "self_attn.o_proj.weight": r(D, q),
               p + "mlp.gate_proj.weight": r(F_, D), p + "mlp.up_proj.weight": r(F_, D), p + "mlp.down_proj.weight": r(D, F_)}
     return w
 
@@ -93,13 +93,15 @@ def make_checkpoint(d: Path, n_kv_heads=2, shards=1, tokenizer="bpe", tie=False,
     return d, w, cfg
 
 
-def reference_forward(w, cfg, ids, n_layers=None):
-    """Naive LLaMA in float64, written from the paper's equations; logits [B, T, V] after n_layers layers."""
+def reference_forward(w, cfg, ids, n_layers=None, inv_freq=None):
+    """Naive LLaMA in float64, written from the paper's equations; logits [B, T, V] after n_layers layers.
+
+    inv_freq: the RoPE frequencies [head_dim/2] (default: plain RoPE with cfg's rope_theta)."""
     w = {k: v.double() for k, v in w.items()}
     D, H, KV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd, eps, B, T = D // H, cfg["rms_norm_eps"], *ids.shape
+    hd, eps, B, T = cfg.get("head_dim") or D // H, cfg["rms_norm_eps"], *ids.shape
     norm = lambda x, g: x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * g
-    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd) if inv_freq is None else inv_freq
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]     # [T, hd/2]
     cos, sin = ang.cos(), ang.sin()
 
@@ -118,7 +120,7 @@ def reference_forward(w, cfg, ids, n_layers=None):
         q, k = rope(q), rope(k)
         k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         att = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~causal, float("-inf")).softmax(-1)
-        x = x + (att @ v).transpose(1, 2).reshape(B, T, D) @ w[p + "self_attn.o_proj.weight"].T
+        x = x + (att @ v).transpose(1, 2).reshape(B, T, H * hd) @ w[p + "self_attn.o_proj.weight"].T
         xn = norm(x, w[p + "post_attention_layernorm.weight"])
         gate, up = xn @ w[p + "mlp.gate_proj.weight"].T, xn @ w[p + "mlp.up_proj.weight"].T
         x = x + (gate * torch.sigmoid(gate) * up) @ w[p + "mlp.down_proj.weight"].T

@@ -1,5 +1,6 @@
 """The LLaMA core: forward pass against a reference, cache, loading, tokenizers, bad input."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -47,12 +48,106 @@ def test_cached_decode_equals_whole_sequence(tiny):
     torch.testing.assert_close(torch.cat(steps), whole, atol=1e-5, rtol=1e-5)
 
 
-def test_llama3_rope_scaling_is_read_and_unknown_types_refused():
+# ----------------------------------------------------------------------------- config.json: RoPE, head_dim, refused keys
+
+def expected_inv_freq(theta, head_dim, rope):
+    """RoPE frequencies written out one by one, as Meta's reference code computes the llama3 scaling."""
+    out = []
+    for i in range(head_dim // 2):
+        f = 1.0 / theta ** (2 * i / head_dim)
+        kind = rope.get("rope_type", "default")
+        if kind == "linear":
+            f = f / rope["factor"]
+        elif kind == "llama3":
+            wavelen, orig, lo, hi = 2 * math.pi / f, rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+            if wavelen > orig / lo:
+                f = f / rope["factor"]
+            elif wavelen >= orig / hi:
+                smooth = (orig / wavelen - lo) / (hi - lo)
+                f = (1 - smooth) * f / rope["factor"] + smooth * f
+        out.append(f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+ROPES = {"default": {"rope_type": "default"}, "linear": {"rope_type": "linear", "factor": 4.0},
+         "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64}}  # with theta 5e5 and head_dim 16, every band is used
+
+
+def rope_config(layout, rope, theta):
+    """The same RoPE settings as transformers >= 5 writes them, or as older versions did."""
+    if layout == "rope_parameters":
+        return {"rope_parameters": {"rope_theta": theta, **rope}}
+    return {"rope_theta": theta, "rope_scaling": None if rope["rope_type"] == "default" else dict(rope)}
+
+
+@pytest.mark.parametrize("layout", ["rope_parameters", "rope_theta+rope_scaling"])
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("head_dim", [None, 24], ids=["head_dim-default", "head_dim-24"])
+def test_rope_layouts_and_head_dim_match_the_reference(tmp_path, layout, rope, head_dim):
+    theta = 500000.0
+    d, w, cfg = make_checkpoint(tmp_path, head_dim=head_dim)
+    hf = json.loads((d / "config.json").read_text())
+    del hf["rope_theta"]
+    (d / "config.json").write_text(json.dumps(hf | rope_config(layout, ROPES[rope], theta)))
+    model, _ = load(d)
+    hd = head_dim or 16
+    assert model.config.head_dim == hd and model.wqkv.shape[-1] == 4 * hd + 2 * 2 * hd
+    ids = torch.randint(0, cfg["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
+    want = reference_forward(w, cfg | {"rope_theta": theta}, ids, inv_freq=expected_inv_freq(theta, hd, ROPES[rope]))
+    with torch.no_grad():
+        got = model(ids).double()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if rope != "default":  # the scaling changes the logits, so a loader that ignored it would fail above
+        plain = reference_forward(w, cfg | {"rope_theta": theta}, ids, inv_freq=expected_inv_freq(theta, hd, ROPES["default"]))
+        assert (plain - want).abs().max() > 1e-3
+
+
+def test_rope_parameters_win_over_the_old_keys():
     base = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 10}
-    Config.from_hf(base | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
-    with pytest.raises(UserError, match="rope_scaling type 'yarn' is not implemented"):
-        Config.from_hf(base | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+    c = Config.from_hf(base | {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+                               "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **ROPES["llama3"]}})
+    assert c.rope_theta == 500000.0 and c.rope_scaling["rope_type"] == "llama3"
+
+
+CONFIG_BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "intermediate_size": 8, "vocab_size": 10}
+REFUSED = {
+    "yarn (new layout)": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters type 'yarn' is not implemented"),
+    "dynamic (old layout)": ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic' is not implemented"),
+    "longrope": ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "type 'longrope' is not implemented"),
+    "rope per layer type": ({"rope_parameters": {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}},
+                            "RoPE parameters per layer type"),
+    "llama3 without its parameters": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs a positive number 'low_freq_factor'"),
+    "sliding_window": ({"sliding_window": 4096}, "sliding_window = 4096: sliding-window attention is not implemented"),
+    "layer_types": ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types .*: attention other than full"),
+    "attention soft-capping": ({"attn_logit_softcapping": 50.0}, "attention logit soft-capping is not implemented"),
+    "logit soft-capping": ({"final_logit_softcapping": 30.0}, "final logit soft-capping is not implemented"),
+    "attention_bias": ({"attention_bias": True}, "a bias in the attention projections is not implemented"),
+    "mlp_bias": ({"mlp_bias": True}, "a bias in the MLP projections is not implemented"),
+    "partial rotary": ({"partial_rotary_factor": 0.5}, "RoPE on part of each head"),
+    "gelu": ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_math_changing_keys_are_refused(case):
+    extra, message = REFUSED[case]
+    with pytest.raises(UserError, match=message):
+        Config.from_hf(CONFIG_BASE | extra)
+
+
+def test_keys_that_do_not_change_the_math_are_ignored():
+    Config.from_hf(CONFIG_BASE | {"use_cache": True, "initializer_range": 0.02, "transformers_version": "5.23.0",
+                                  "pretraining_tp": 1, "attention_dropout": 0.0, "sliding_window": None,
+                                  "layer_types": ["full_attention"] * 2, "partial_rotary_factor": 1.0, "attention_bias": False})
+
+
+def test_sample_cli_refuses_an_unsupported_key_in_one_line(tmp_path):
+    d, _, cfg = make_checkpoint(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    r = run_sample("--checkpoint", str(d), "--prompt", "hi")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: rope_scaling type 'yarn' is not implemented (supported: default, linear, llama3)"
 
 
 def test_bpe_tokenizer_round_trip_and_chat(tiny):
@@ -91,7 +186,7 @@ def save(d, w):
 BAD = {
     "missing dir": (lambda d, w, c: shutil.rmtree(d), "does not exist"),
     "empty dir": (lambda d, w, c: [p.unlink() for p in d.iterdir()], "is empty"),
-    "no safetensors": (lambda d, w, c: (d / "model.safetensors").unlink(), "no safetensors weights"),
+    "no safetensors": (lambda d, w, c: (d / "model.safetensors").unlink(), "no weights in .*expected model.safetensors"),
     "wrong shape": (lambda d, w, c: save(d, w | {"model.norm.weight": torch.ones(65)}), "has shape \\(65,\\), expected \\(64,\\)"),
     "missing tensor": (lambda d, w, c: save(d, {k: v for k, v in w.items() if "layers.3.mlp.up" not in k}), "lacks 1 tensor"),
     "malformed config": (lambda d, w, c: (d / "config.json").write_text("{not json"), "malformed JSON"),
