@@ -1,23 +1,35 @@
 """End-to-end measurements of ADEPT against full depth, on the same machine in the same run.
 
-Scenarios (every figure beside `full`, measured alternately, median over repeats):
-  decode       greedy generation from a fixed, varied prompt set: tokens/s, mean exit layer,
+Scenarios (the README's Results section documents the record schema of --json):
+  decode       free-running greedy generation from a fixed, varied set of chat prompts:
+               tokens/s (alternating with full, median over repeats), mean exit layer, the
                share of tokens identical to the full model's output, and the full model's
-               perplexity of each output
-  prefill-N    an N-token prompt of human text: prefill tokens/s, and agreement of the next
-               tokens (decoded at full depth) with the full model's, so that only the
-               prompt tokens' exits matter
-  kv-*         the router with the skipped layers' KV filled sequentially or left empty
-               (masked out), against ADEPT's decoupled fill
+               perplexity of each policy's output
+  decode-tf    teacher-forced: along the full model's own greedy continuations of the same
+               prompts, and along held-out model-generated text, every token (the prompt's too)
+               runs through the policy on the real path; scored by argmax agreement with full
+               depth, KL(full || policy) and perplexity, as `train_exits.py --eval` does
+  prefill-N    the classification-style figure: held-out documents cut to N-token prompts,
+               every prompt token exiting where the policy says; only the last position's
+               next-token prediction is read and compared with full depth's (agreement, KL),
+               and prefill tokens/s is timed with full depth run on the same document just before
+  kv-*         the router's decode with the skipped layers' K/V filled sequentially or left
+               empty (masked out), against ADEPT's decoupled fill
   kv_fill      the fill itself for one token exiting at layer 10: decoupled vs sequential
 
-    python bench.py                   # full run, default model (under 20 min on 2 CPU cores)
+Held-out text that no training run in this project reads: the Python reference manual
+(`pydoc_data.topics`, shipped with CPython) and text the model generates from GEN_PROMPTS.
+
+    python bench.py                   # full run, default model (under 30 min on 2 CPU cores)
     python bench.py --quick           # under 3 minutes
     python bench.py --json bench.json --plots docs/
 """
 import argparse
+import hashlib
+import itertools
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -27,67 +39,115 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, FullDepth, Policy, generate, make_policy
+from adept import DEFAULT_EXITS, FullDepth, Stats, forward_tokens, generate, make_policy, model_id, sync
 from kv_cache import fill_decoupled, fill_sequential
-from model import UserError, default_checkpoint, load
-from sample import DTYPES
+from model import DTYPES, UserError, default_checkpoint, load
+from train_exits import evaluate, full_reference, record, sample_batch
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
            "Describe a typical day of a baker."]
 PARAGRAPH = "Explain in a short paragraph why the sky is blue."
+# Prompts of the held-out generated documents; train_exits.py never uses them.
+GEN_PROMPTS = ["Tell me about the history of tea.", "How does a camera take a picture?", "Describe a forest in winter.",
+               "What makes a good friend?", "Explain how rain forms.", "Write a letter to a pen pal about your town.",
+               "How do computers store numbers?", "What do cats like to eat?", "Describe the life of a honeybee.",
+               "Why do we have laws?", "Explain how a train works.", "Write a story about a robot who learns to paint.",
+               "What is the ocean made of?", "How do muscles grow?", "Describe a busy market.",
+               "Give advice for a long walk in the mountains."]
 
 
-class PrefillOnly(Policy):
-    """Applies a policy to the prompt's tokens only; generated tokens run at full depth."""
-    def __init__(self, policy, n_prompt):
-        self.policy, self.n_prompt, self.min_layer = policy, n_prompt, policy.min_layer
+def human_documents(tok, n_tokens, count):
+    """`count` prompts of n_tokens cut from the Python reference manual (pydoc_data.topics): consecutive
+    windows of each topic, taken from one topic after another in turn. Returns (prompts, topics used)."""
+    from pydoc_data.topics import topics
+    windows = [[ids[i:i + n_tokens] for i in range(0, len(ids) - n_tokens + 1, n_tokens)]
+               for ids in (tok.encode(topics[k]) for k in sorted(topics))]
+    docs = [w for group in itertools.zip_longest(*windows) for w in group if w is not None]  # round robin
+    if len(docs) < count:
+        raise UserError(f"the reference manual gives only {len(docs)} prompts of {n_tokens} tokens, not {count}; "
+                        "ask for fewer documents or shorter prompts")
+    return docs[:count], sum(len(w) > 0 for w in windows)
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
-        return None if int(pos[0]) >= self.n_prompt else self.policy.decide(model, i, pos, h, q, k, v, stats)
+
+def generated_documents(model, tok, n_tokens, count, runs=Path("runs")):
+    """`count` texts of exactly n_tokens (chat prompt + answer, sampled at temperature 0.7 past the end of the
+    turn) that the model writes from GEN_PROMPTS; cached in runs/. Returns [(ids, prompt length)]."""
+    prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in GEN_PROMPTS]
+    key = hashlib.sha1(json.dumps([model_id(model), n_tokens, prompts]).encode()).hexdigest()[:12]
+    path = runs / f"bench-generated-{key}.json"
+    docs = json.loads(path.read_text()) if path.is_file() else []
+    while len(docs) < count:  # whole batches of every prompt, batch b seeded with b: a longer run extends a shorter one
+        outs = sample_batch(model, prompts, n_tokens - min(map(len, prompts)), eos_ids=set(), seed=len(docs) // len(prompts))
+        docs += [((p + o)[:n_tokens], len(p)) for p, o in zip(prompts, outs)]
+        print(f"\rgenerating held-out text: {len(docs)}/{count}", end="", file=sys.stderr, flush=True)
+        runs.mkdir(exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(docs))
+        os.replace(path.with_suffix(".tmp"), path)
+    return [tuple(d) for d in docs[:count]]
 
 
 @torch.no_grad()
-def full_ppl(model, prompt, outputs):
-    """The full model's perplexity of generated tokens, given their prompt."""
+def full_ppl(model, prompts, outputs):
+    """The full model's perplexity of generated tokens, given their prompts."""
     nll, n = 0.0, 0
-    for p, out in zip(prompt, outputs):
+    for p, out in zip(prompts, outputs):
         if not out:
             continue
-        ids = torch.tensor([p + out])
+        ids = torch.tensor([p + out], device=model.tok_emb.device)
         logits = model(ids)[0, len(p) - 1:-1]
         nll += float(F.cross_entropy(logits.float(), ids[0, len(p):], reduction="sum"))
         n += len(out)
     return math.exp(nll / max(n, 1))
 
 
-def human_text(tok, n_tokens):
-    from train_exits import docstrings
-    ids = []
-    for d in docstrings():
-        ids += tok.encode(d + "\n\n")
-        if len(ids) >= n_tokens:
-            return ids[:n_tokens]
-    raise UserError(f"not enough text for a {n_tokens}-token prompt")
+def total(stats):
+    """The sum of several cost counters."""
+    return Stats(*(sum(getattr(s, f) for s in stats) for f in Stats.__dataclass_fields__))
 
 
 def run_decode(model, prompts, n_new, policy, kv_fill="decoupled"):
+    """Free-running greedy decode of every prompt: tokens/s, the tokens, and the decode steps' costs."""
     gs = [generate(model, p, n_new, policy, kv_fill=kv_fill) for p in prompts]
-    n_tok = sum(len(g.tokens) - 1 for g in gs)
-    return {"tokens_per_s": n_tok / sum(g.decode_s for g in gs), "tokens": [g.tokens for g in gs],
-            "mean_exit_layer": sum(g.decode.layers for g in gs) / max(sum(g.decode.tokens for g in gs), 1),
-            "compute_saved": 1 - sum(g.decode.total_macs for g in gs) / sum(g.decode.full_macs for g in gs)}
+    return {"tokens_per_s": sum(len(g.tokens) - 1 for g in gs) / sum(g.decode_s for g in gs),
+            "tokens": [g.tokens for g in gs], "stats": total([g.decode for g in gs])}
 
 
-def run_prefill(model, prompt, n_next, policy):
-    g = generate(model, prompt, n_next, PrefillOnly(policy, len(prompt)))
-    return {"tokens_per_s": len(prompt) / g.prefill_s, "tokens": [g.tokens], "mean_exit_layer": g.prefill.mean_exit_layer,
-            "compute_saved": g.prefill.saved}
+@torch.no_grad()
+def prefill_last(model, ids, policy, stats):
+    """Prefill ids with per-token exits: the last position's next-token log-probs [vocab] and the seconds it took."""
+    t = torch.tensor(ids, device=model.tok_emb.device)
+    t0 = time.perf_counter()
+    logits, _ = forward_tokens(model, t, 0, model.new_cache(1, len(ids)), policy, stats)
+    sync(t.device)
+    return logits.float().log_softmax(-1), time.perf_counter() - t0
 
 
-def agreement(tokens, full_tokens):
+def run_prefill(model, docs, policies, n_gated):
+    """Each document at full depth (the reference, timed), then through every policy right after it (timed):
+    alternation keeps slow drifts of the machine out of the speed-ups. The gates see the first n_gated only.
+    Returns {key: (n, n_agree, stats, measured)}."""
+    acc = {key: [0, 0, Stats(), 0.0, 0.0, 0.0] for key in policies}  # n, agree, stats, kl, seconds, full seconds
+    for j, ids in enumerate(docs):
+        ref, full_s = prefill_last(model, ids, FullDepth(), Stats())
+        for key, pol in policies.items():
+            if key[0] in GATES and j >= n_gated:
+                continue
+            a = acc[key]
+            logp, s = prefill_last(model, ids, pol, a[2])
+            a[0], a[1] = a[0] + 1, a[1] + int(logp.argmax() == ref.argmax())
+            a[3], a[4], a[5] = a[3] + float((ref.exp() * (ref - logp)).sum()), a[4] + s, a[5] + full_s
+        print(f"\r  {len(ids)}-token prompt {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    n_tok = len(docs[0])
+    return {key: (n, k, st, {"kl": kl / n, "tokens_per_s": n * n_tok / s, "full_tokens_per_s": n * n_tok / fs,
+                             "speedup": fs / s}) for key, (n, k, st, kl, s, fs) in acc.items()}
+
+
+def identical(tokens, full_tokens):
+    """(tokens compared, tokens identical) position by position."""
     pairs = [(a, b) for t, f in zip(tokens, full_tokens) for a, b in zip(t, f)]
-    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    return len(pairs), sum(a == b for a, b in pairs)
 
 
 def bench_fill(model, exit_layer, repeats):
@@ -107,10 +167,11 @@ def bench_fill(model, exit_layer, repeats):
     return out
 
 
+GATES = ("confidence", "entropy")  # they run the LM head at every layer: measured on fewer documents
+
+
 def settings(quick, has_router, n_layers):
     """(policy, setting) pairs; baselines span the router's range of mean depth so they can be compared at equal cost."""
-    # The gates evaluate the LM head at every layer, which makes them slow to measure; one setting each, at the
-    # router's depth (about 28.5 of 30 on held-out text in train_exits.py), keeps the full run under 20 minutes.
     s = [("static", max(1, min(n_layers - 1, round(f * n_layers)))) for f in (0.87, 0.93)]  # layers 26, 28 of 30
     s += [("confidence", 0.9999), ("entropy", 0.001)]
     if has_router:
@@ -119,18 +180,29 @@ def settings(quick, has_router, n_layers):
 
 
 def plots(records, model, tok, router_policy, out_dir):
+    """speed_quality.png: agreement (95% interval) against measured speed-up per policy, for decode (speed of
+    free-running decode, agreement teacher-forced on generated text) and each prefill set; exit_depths.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out_dir.mkdir(parents=True, exist_ok=True)
-    scenarios = [s for s in dict.fromkeys(r["scenario"] for r in records) if not s.startswith("kv")]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 4.2), squeeze=False)
-    for ax, sc in zip(axes[0], scenarios):
-        rows = [r for r in records if r["scenario"] == sc]
-        for pol in dict.fromkeys(r["policy"] for r in rows):
-            pts = sorted((r["speedup"], r["agreement"]) for r in rows if r["policy"] == pol)
-            ax.plot(*zip(*pts), "k*" if pol == "full" else "o-", label=pol, markersize=5)
-        ax.set(title=sc, xlabel="speed-up over full depth (measured)", ylabel="tokens identical to full model", ylim=(0, 1.03))
+    find = lambda sc, text: {(r["policy"], r["setting"]): r for r in records if r["scenario"] == sc and r["text"] == text}
+    panels = [("decode (speed: free-running; agreement: teacher-forced, generated text)", find("decode", "chat prompts"),
+               find("decode-tf", "generated"))]
+    panels += [(f"{sc}, {text} text", rows, rows) for sc, text in dict.fromkeys((r["scenario"], r["text"]) for r in records)
+               if sc.startswith("prefill-") for rows in [find(sc, text)]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, speed, quality) in zip(axes[0], panels):
+        for pol in dict.fromkeys(k[0] for k in quality):
+            pts = sorted((speed[k]["speedup"], r["agreement"], r["agreement"] - r["agreement_lo"], r["agreement_hi"] - r["agreement"])
+                         for k, r in quality.items() if k[0] == pol and k in speed)
+            if pts:
+                x, y, lo, hi = zip(*pts)
+                ax.errorbar(x, y, yerr=(lo, hi), fmt="k*" if pol == "full" else "o-", label=pol, markersize=5, capsize=2)
+        n = ", ".join(sorted({str(r["n"]) for r in quality.values()}))
+        ax.set(title=title, xlabel="speed-up over full depth (measured)", ylabel=f"argmax agreement with full (n = {n})",
+               ylim=(0, 1.03))
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -167,70 +239,101 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on 2 cores)")
-    p.add_argument("--repeats", type=int, default=None, help="alternating repeats (default 3, quick 1)")
-    p.add_argument("--json", help="write one record per (policy, setting, scenario) here")
+    p.add_argument("--repeats", type=int, default=None, help="alternating repeats of the decode scenario (default 3, quick 1)")
+    p.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
+                   help="prompt lengths of the prefill scenario (default 256 1024; quick 256)")
+    p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
     args = p.parse_args(argv)
 
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
-    L = model.config.n_layers
+    L, context = model.config.n_layers, model.config.max_seq_len
     exits = args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None)
     repeats = args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.encode(tok.chat(q) if tok.has_chat else q) for q in PROMPTS[:n_prompts]]
-    context = model.config.max_seq_len
-    prefill_lens = [n for n in ((128,) if args.quick else (512, 2048)) if n + 16 <= context] or [context // 2]
-    long_prompts = {n: human_text(tok, n) for n in prefill_lens}
+    lengths = args.prefill_lengths or ([256] if args.quick else [256, 1024])
+    lengths = sorted({n if n <= context else context // 2 for n in lengths})  # a tiny test model has a short context
+    # documents per prefill length: (human, generated) for every policy, and for the gates (the first ones)
+    docs_at = lambda first: ((16, 4), (4, 2)) if args.quick else (((200, 48), (24, 8)) if first else ((50, 0), (6, 0)))
     policies = {(name, s): make_policy(name, model, threshold=None if name == "static" else s,
                                        exit_layer=s if name == "static" else None, exits=exits)
                 for name, s in settings(args.quick, exits is not None, L)}
+    setting = lambda name, s: float(policies[(name, s)].threshold) if name == "router" and s is None else s
+    t0 = time.time()
+    texts = {}
+    for n in lengths:
+        (n_hum, n_gen), gated = docs_at(n == lengths[0])
+        texts[n] = {"human": (human_documents(tok, n, n_hum)[0], gated[0])}
+        if n_gen:
+            texts[n]["generated"] = ([ids for ids, _ in generated_documents(model, tok, n, n_gen)], gated[1])
+    generated = generated_documents(model, tok, lengths[0], docs_at(True)[0][1])
     generate(model, prompts[0], 4, FullDepth())  # warm-up
 
-    runs = {}  # (scenario, policy, setting) -> list of results over repeats
-    add = lambda key, r: runs.setdefault(key, []).append(r)
-    t0 = time.time()
+    records = []
+    # decode, free-running: every policy beside full, alternating, median tokens/s over repeats
+    runs = {}
     for rep in range(repeats):
         for (name, s), pol in [(("full", None), FullDepth())] + list(policies.items()):
-            add(("decode", name, s), run_decode(model, prompts, n_new, pol))
-            for n, lp in long_prompts.items():
-                add((f"prefill-{n}", name, s), run_prefill(model, lp, 16, pol))
+            runs.setdefault(("decode", name, s), []).append(run_decode(model, prompts, n_new, pol))
         if exits:
-            router = make_policy("router", model, exits=exits)
             for fill in ("sequential", "none"):
-                add((f"kv-{fill}", "router", None), run_decode(model, prompts, n_new, router, kv_fill=fill))
-        print(f"repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-
-    records = []
+                runs.setdefault((f"kv-{fill}", "router", None), []).append(
+                    run_decode(model, prompts, n_new, policies[("router", None)], kv_fill=fill))
+        print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+    full_runs = runs[("decode", "full", None)]
+    full_tps, full_tokens = statistics.median(r["tokens_per_s"] for r in full_runs), full_runs[-1]["tokens"]
     for (scenario, name, s), rs in runs.items():
-        base = "decode" if scenario.startswith("kv-") else scenario
-        full = runs[(base, "full", None)]
-        tps, full_tps = statistics.median(r["tokens_per_s"] for r in rs), statistics.median(r["tokens_per_s"] for r in full)
-        src = prompts if base == "decode" else [long_prompts[int(base.split("-")[1])]]
-        setting = s if s is not None else (float(policies[(name, s)].threshold) if name == "router" else None)
-        records.append({"policy": name, "setting": setting, "scenario": scenario,
-                        "kv_fill": scenario[3:] if scenario.startswith("kv-") else "decoupled",
-                        "mean_exit_layer": rs[-1]["mean_exit_layer"], "compute_saved": rs[-1]["compute_saved"],
-                        "tokens_per_s": tps, "full_tokens_per_s": full_tps, "speedup": tps / full_tps,
-                        "agreement": agreement(rs[-1]["tokens"], full[-1]["tokens"]),
-                        "ppl": full_ppl(model, src, rs[-1]["tokens"]), "full_ppl": full_ppl(model, src, full[-1]["tokens"])})
+        tps = statistics.median(r["tokens_per_s"] for r in rs)
+        records.append(record(name, setting(name, s), scenario, *identical(rs[-1]["tokens"], full_tokens), rs[-1]["stats"],
+                              text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
+                              tokens_per_s=tps, full_tokens_per_s=full_tps, speedup=tps / full_tps,
+                              ppl=full_ppl(model, prompts, rs[-1]["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
+
+    # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
+    tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
+               "generated": (generated, docs_at(True)[1][1])}
+    for text, (seqs, n_gated) in tf_sets.items():
+        refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
+        for (name, s), pol in [(("full", None), FullDepth())] + list(policies.items()):
+            k = n_gated if name in GATES else len(seqs)
+            if k not in full_ppl_of:
+                full_ppl_of[k] = evaluate(model, seqs[:k], FullDepth(), refs[:k])[3]["ppl"]
+            n, n_agree, stats, m = evaluate(model, seqs[:k], pol, refs[:k])
+            records.append(record(name, setting(name, s), "decode-tf", n, n_agree, stats, text=text, **m, full_ppl=full_ppl_of[k]))
+        print(f"decode-tf: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+        del refs
+
+    # prefill: the last position's prediction after an N-token prompt, every prompt token exiting per the policy
+    for n, sets in texts.items():
+        for text, (docs, n_gated) in sets.items():
+            out = run_prefill(model, docs, {("full", None): FullDepth(), **policies}, n_gated)
+            records += [record(name, setting(name, s), f"prefill-{n}", *r[:3], text=text, **r[3]) for (name, s), r in out.items()]
+            print(f"prefill-{n}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+
     fill = bench_fill(model, min(10, L - 1), 50 if args.quick else 200)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); greedy; {n_prompts} prompts x {n_new} new tokens; "
-          f"median of {repeats} alternating repeats; `python bench.py{' --quick' if args.quick else ''}`\n")
-    print("| scenario | policy | setting | mean exit layer | compute saved | tokens/s | full tokens/s | speed-up | tokens = full | ppl (full model) | full's ppl |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
+          f"greedy tokens, median of {repeats} alternating repeats; n = scored tokens (decode) or prompts (prefill); "
+          f"agreement with its 95% Wilson interval\n")
+    print("| scenario | text | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | agreement [95% CI] | KL | ppl | full's ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda r, k, f: format(r[k], f) if k in r else ""
     for r in records:
-        print(f"| {r['scenario']} | {r['policy']} | {r['setting'] if r['setting'] is not None else ''} | {r['mean_exit_layer']:.1f} | "
-              f"{r['compute_saved']:.0%} | {r['tokens_per_s']:.1f} | {r['full_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['agreement']:.0%} | {r['ppl']:.2f} | {r['full_ppl']:.2f} |")
+        print(f"| {r['scenario']} | {r['text']} | {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['n']} | "
+              f"{r['mean_exit_layer']:.1f} | {r['compute_saved']:.0%} | {fmt(r, 'tokens_per_s', '.1f')} | "
+              f"{fmt(r, 'speedup', '.2f')} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
+              f"{fmt(r, 'kl', '.3f')} | {fmt(r, 'ppl', '.2f')} | {fmt(r, 'full_ppl', '.2f')} |")
     print(f"\nKV fill of one token exiting at layer {min(10, L - 1)} of {L}: decoupled {fill['decoupled'] * 1e6:.0f} us, "
           f"sequential {fill['sequential'] * 1e6:.0f} us: {fill['sequential'] / fill['decoupled']:.1f}x faster")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model.name, "dtype": args.dtype, "device": args.device, "machine": machine,
-                                               "quick": args.quick, "repeats": repeats, "records": records,
-                                               "kv_fill": {**fill, "speedup": fill["sequential"] / fill["decoupled"]}}, indent=2))
+        meta = {"command": command, "model": model.name, "base_model": model_id(model), "dtype": args.dtype,
+                "device": args.device, "machine": machine, "repeats": repeats, "seconds": round(time.time() - t0),
+                "kv_fill": {**fill, "speedup": fill["sequential"] / fill["decoupled"]}}
+        Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     if args.plots:
-        plots(records, model, tok, make_policy("router", model, exits=exits) if exits else make_policy("static", model), Path(args.plots))
+        plots(records, model, tok, policies.get(("router", None)) or make_policy("static", model), Path(args.plots))
     print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
 
 

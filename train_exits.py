@@ -15,6 +15,7 @@ English docstrings of the Python standard library ("human text"), or your own fi
 with --data. Whole documents are held out, never seen in training.
 """
 import argparse
+import hashlib
 import importlib
 import inspect
 import json
@@ -117,18 +118,32 @@ def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7,
     return out
 
 
-def build_data(model, tok, args):
-    """Sequences (ids, score_from): the tokens from score_from on are the text that is trained and scored."""
-    rng = random.Random(args.seed)
+def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs")):
+    """(ids, prompt length) of text the model writes itself from the built-in prompts, cached in `runs/`
+    under a key of everything that determines it (minutes of sampling on a CPU)."""
     prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in CHAT_PROMPTS] + [tok.encode(p) for p in PLAIN_PROMPTS]
+    key = hashlib.sha1(json.dumps([model_id(model), seed, max_new_tokens, prompts]).encode()).hexdigest()[:12]
+    path = runs / f"generated-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
     gen = []
     for b in range(0, len(prompts), 16):
         batch = prompts[b:b + 16]
-        for ids, toks in zip(batch, sample_batch(model, batch, args.max_new_tokens, tok.eos_ids, args.seed + b)):
+        for ids, toks in zip(batch, sample_batch(model, batch, max_new_tokens, tok.eos_ids, seed + b)):
             if len(toks) >= 8:
                 gen.append((ids + toks, len(ids)))
         print(f"\rgenerating text: {min(b + 16, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    runs.mkdir(exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(gen))
+    os.replace(path.with_suffix(".tmp"), path)
+    return gen
+
+
+def build_data(model, tok, args):
+    """Sequences (ids, score_from): the tokens from score_from on are the text that is trained and scored."""
+    rng = random.Random(args.seed)
+    gen = generated_text(model, tok, args.seed, args.max_new_tokens)
     docs = [Path(f).read_text() for f in args.data] if args.data else docstrings()
     rng.shuffle(docs)
     human = [(c, 0) for d in docs for c in chunks(tok.encode(d), 128)]
@@ -207,90 +222,124 @@ def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, 
     return losses
 
 
-def pick_threshold(model, router, min_layer, seqs, target):
-    """The threshold with the lowest mean exit layer whose agreement reaches `target` on validation sequences,
-    measured through the real ADEPT path (exits change later tokens through the KV fill)."""
-    with torch.no_grad():
-        full = [model(torch.tensor([ids]))[0, start:].argmax(-1) for ids, start in seqs]
-    best = (THRESHOLDS[-1], float(model.config.n_layers))
-    for tau in THRESHOLDS:
-        r = evaluate(model, seqs, RouterPolicy(router, tau, min_layer), full)
-        if r["agreement"] >= target and r["mean_exit_layer"] < best[1]:
-            best = (tau, r["mean_exit_layer"])
-    return best[0]
-
-
 # ----------------------------------------------------------------------------- evaluation
+#
+# Every figure is a record of one schema, shared with bench.py and documented in the README:
+# policy, setting, scenario, model, reference, n, mean_exit_layer, compute_saved, agreement with
+# its 95% interval, and what else the scenario measured (kl, ppl, full_ppl, tokens_per_s, ...).
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of the rate k/n (stays inside [0, 1] and is honest near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    mid = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return min(p, max(0.0, mid - half)), max(p, min(1.0, mid + half))  # p itself stays inside despite rounding
+
+
+def record(policy, setting, scenario, n, n_agree, stats, model="base", reference="base", **measured):
+    """One measured figure: `n_agree` of `n` scored tokens (or documents) agree with the reference's argmax."""
+    lo, hi = wilson(n_agree, n)
+    return {"policy": policy, "setting": setting, "scenario": scenario, "model": model, "reference": reference, "n": n,
+            "mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved,
+            "agreement": n_agree / max(n, 1), "agreement_lo": lo, "agreement_hi": hi, **measured}
 
 
 @torch.no_grad()
-def evaluate(model, seqs, policy, full_logits):
-    """Teacher-forced through the real ADEPT path, prompt included (as in generation): agreement with the full
-    model's argmax, perplexity and costs of the scored tokens."""
-    stats, agree, nll, n_agree, n_nll = Stats(), 0, 0.0, 0, 0
-    for (ids, start), full in zip(seqs, full_logits):
+def full_reference(model, seqs):
+    """Full depth's log-probabilities [n_scored, vocab] for the scored tokens of each sequence."""
+    return [model(torch.tensor([ids]))[0, start:].float().log_softmax(-1) for ids, start in seqs]
+
+
+@torch.no_grad()
+def evaluate(model, seqs, policy, ref):
+    """Teacher-forced through the real ADEPT path, prompt included (as in generation).
+
+    Returns (n, n_agree, stats, measured): n scored tokens, how many have the reference's argmax,
+    the cost counters, and the mean KL(reference ‖ policy) and the policy's perplexity of the text.
+    """
+    stats, n, n_agree, kl, nll = Stats(), 0, 0, 0.0, 0.0
+    for (ids, start), r in zip(seqs, ref):
         cache = model.new_cache(1, len(ids))
         t = torch.tensor(ids)
         if start:
             forward_tokens(model, t[:start], 0, cache, policy, Stats())  # the prompt: exits here change the cache
         logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
-        agree += int((logits.argmax(-1) == full).sum())
-        n_agree += len(full)
-        nll += float(F.cross_entropy(logits[:-1].float(), t[start + 1:], reduction="sum"))
-        n_nll += len(full) - 1
-    return {"mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved, "agreement": agree / n_agree,
-            "ppl": math.exp(nll / n_nll), "head_macs": stats.head_macs, "router_macs": stats.router_macs, "fill_macs": stats.fill_macs}
+        logp = logits.float().log_softmax(-1)
+        n, n_agree = n + len(r), n_agree + int((logp.argmax(-1) == r.argmax(-1)).sum())
+        kl += float((r.exp() * (r - logp)).sum())
+        nll -= float(logp[:-1].gather(1, t[start + 1:, None]).sum())
+    return n, n_agree, stats, {"kl": kl / n, "ppl": math.exp(nll / (n - len(seqs)))}
+
+
+def pick_threshold(model, router, min_layer, seqs, target):
+    """The threshold with the lowest mean exit layer whose agreement reaches `target` on validation sequences,
+    measured through the real ADEPT path (exits change later tokens through the KV fill)."""
+    ref = full_reference(model, seqs)
+    best = (THRESHOLDS[-1], float(model.config.n_layers))
+    for tau in THRESHOLDS:
+        n, k, stats, _ = evaluate(model, seqs, RouterPolicy(router, tau, min_layer), ref)
+        if k / n >= target and stats.mean_exit_layer < best[1]:
+            best = (tau, stats.mean_exit_layer)
+    return best[0]
 
 
 THRESHOLDS = [0.3, 0.35, 0.4, 0.43, 0.45, 0.47, 0.49, 0.5]  # labels top out near σ(β/L) ≈ 0.51
+# The gates run the LM head at every layer (~8 layers' work each time): two settings each by default.
+GATES = {"confidence": [0.9, 0.9999], "entropy": [0.5, 0.001]}
+ALL_GATES = {"confidence": [0.5, 0.9, 0.99, 0.999, 0.9999], "entropy": [2.0, 0.5, 0.05, 0.01, 0.001]}
 
 
-def sweep(model, router, seqs):
+def sweep(model, router, seqs, scenario, gates=GATES):
+    """Records for full depth, static depths, the gates and the router's thresholds on one held-out set."""
     L = model.config.n_layers
-    settings = {"static": [12, 16, 20, 24, 26, 28, 29, 30], "confidence": [0.5, 0.9, 0.99, 0.999, 0.9999],
-                "entropy": [2.0, 0.5, 0.05, 0.01, 0.001],
-                "router": sorted(set(THRESHOLDS) | {float(router.meta["threshold"])})}  # always its own threshold
-    make = {"static": lambda s: Static(min(s, L), L), "confidence": lambda s: Confidence(s),
+    settings = {"full": [None], "static": sorted({min(s, L) for s in (12, 16, 20, 24, 26, 28, 29)}), **gates}
+    if router is not None:
+        settings["router"] = sorted(set(THRESHOLDS) | {float(router.meta["threshold"])})  # always its own threshold
+    make = {"full": lambda s: FullDepth(), "static": lambda s: Static(s, L), "confidence": lambda s: Confidence(s),
             "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
             "router": lambda s: RouterPolicy(router, s)}  # with the router file's minimum exit layer
-    with torch.no_grad():
-        full_logits = [model(torch.tensor([ids]))[0, start:].argmax(-1) for ids, start in seqs]
-        full = evaluate(model, seqs, FullDepth(), full_logits)
-    rows = [{"policy": "full", "setting": None, **full}]
+    ref, rows = full_reference(model, seqs), []
     for name, values in settings.items():
-        if name == "router" and router is None:
-            continue
         for s in values:
-            rows.append({"policy": name, "setting": s, **evaluate(model, seqs, make[name](s), full_logits)})
-            print(f"\r  {name} {s}: agreement {rows[-1]['agreement']:.1%}, saved {rows[-1]['compute_saved']:.1%}   ",
+            n, k, stats, m = evaluate(model, seqs, make[name](s), ref)
+            rows.append(record(name, s, scenario, n, k, stats, **m, full_ppl=rows[0]["ppl"] if rows else m["ppl"]))
+            print(f"\r  {scenario} {name} {s}: agreement {k / n:.1%}, saved {stats.saved:.1%}   ",
                   end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return rows
 
 
-def report(results, plot_path=None):
-    lines = []
-    for text, rows in results.items():
-        full_ppl = rows[0]["ppl"]
-        lines += [f"\n### held-out {text} text\n", "| policy | setting | mean exit layer | compute saved | argmax agreement | ppl (full: %.1f) |" % full_ppl,
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {r['setting'] if r['setting'] is not None else ''} | {r['mean_exit_layer']:.1f} | "
-                  f"{r['compute_saved']:.1%} | {r['agreement']:.1%} | {r['ppl']:.1f} |" for r in rows]
+def report(records, plot_path=None):
+    """A markdown table per scenario, and agreement against compute per policy as a PNG."""
+    lines, scenarios = [], list(dict.fromkeys(r["scenario"] for r in records))
+    for sc in scenarios:
+        rows = [r for r in records if r["scenario"] == sc]
+        lines += [f"\n### {sc} (n = {rows[0]['n']} tokens)\n",
+                  f"| policy | setting | mean exit layer | compute saved | argmax agreement [95% CI] | KL | ppl (full: {rows[0]['full_ppl']:.1f}) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['mean_exit_layer']:.1f} | "
+                  f"{r['compute_saved']:.1%} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
+                  f"{r['kl']:.3f} | {r['ppl']:.1f} |" for r in rows]
     if plot_path:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-        for ax, (text, rows) in zip(axes[0], results.items()):
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False)
+        for ax, sc in zip(axes[0], scenarios):
+            rows = [r for r in records if r["scenario"] == sc]
             for pol in dict.fromkeys(r["policy"] for r in rows):
                 pts = sorted((1 - r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
                 ax.plot(*zip(*pts), "o-" if pol != "full" else "k*", label=pol, markersize=4)
-            ax.set(title=f"held-out {text} text", xlabel="compute relative to full depth (MAC counters, log scale)",
+            ax.set(title=f"{sc} (n = {rows[0]['n']} tokens)", xlabel="compute relative to full depth (MAC counters, log scale)",
                    ylabel="argmax agreement with full model", ylim=(0, 1.02), xscale="log")
             ax.grid(alpha=0.3, which="both")
             ax.legend()
         fig.tight_layout()
         fig.savefig(plot_path, dpi=110)
+        plt.close(fig)
     return "\n".join(lines)
 
 
@@ -315,7 +364,9 @@ def main(argv=None):
     p.add_argument("--eval-chunks", type=int, default=8, help="held-out chunks of human text to evaluate on")
     p.add_argument("--target-agreement", type=float, default=0.9, help="default threshold: lowest depth reaching this on validation text")
     p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
-    p.add_argument("--json", help="write the evaluation here")
+    p.add_argument("--all-gates", action="store_true",
+                   help="sweep 5 settings of the confidence and entropy gates instead of 2 (they run the head at every layer: slow)")
+    p.add_argument("--json", help="write the evaluation here (records in the schema of bench.py --json)")
     p.add_argument("--plot", default="runs/exits.png", help="PNG of quality against compute")
     p.add_argument("--force", action="store_true", help="overwrite an existing router file")
     args = p.parse_args(argv)
@@ -325,25 +376,18 @@ def main(argv=None):
     out = Path(args.out) if args.out else DEFAULT_EXITS
     if args.checkpoint and not args.out:
         raise UserError("with --checkpoint, name the router file to write with --out")
+    router = Router.load(out, model) if args.eval else None
+    if not args.eval and out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
     runs = Path("runs")
     runs.mkdir(exist_ok=True)
     t0 = time.time()
-    data_file = runs / f"data-{model_id(model).replace(':', '-')}-s{args.seed}-n{args.max_new_tokens}.json"
-    if data_file.is_file() and not args.data:
-        data = json.loads(data_file.read_text())
-    else:
-        data = build_data(model, tok, args)
-        if not args.data:
-            data_file.write_text(json.dumps(data))
+    data = build_data(model, tok, args)
     print(f"data: {sum(len(i) - s for i, s in data['train'])} training (and validation) tokens, "
           f"{sum(len(i) - s for i, s in data['heldout_generated'])} held-out generated, "
           f"{sum(len(i) - s for i, s in data['heldout_human'])} held-out human ({time.time() - t0:.0f}s)", file=sys.stderr)
 
-    if args.eval:
-        router = Router.load(out, model)
-    else:
-        if out.exists() and not args.force:
-            raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    if not args.eval:
         n_val = max(1, len(data["train"]) // 10)  # validation sequences (for the threshold), not trained on
         val, train_seqs = data["train"][:n_val], data["train"][n_val:]
         # Prompts are trained on too: in prefill the router decides for every prompt token (chat
@@ -364,17 +408,21 @@ def main(argv=None):
         os.replace(f"{out}.tmp", out)
         (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
         print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
-    results = {"generated": sweep(model, router, data["heldout_generated"]), "human": sweep(model, router, data["heldout_human"])}
+    gates = ALL_GATES if args.all_gates else GATES
+    records = sweep(model, router, data["heldout_generated"], "eval-generated", gates) + \
+        sweep(model, router, data["heldout_human"], "eval-human", gates)
     threshold = float(router.meta["threshold"])
-    default = {k: next(r for r in rows if r["policy"] == "router" and r["setting"] == threshold) for k, rows in results.items()}
-    print(report(results, args.plot))
-    for k, r in default.items():
-        print(f"\nshipped threshold {threshold} on held-out {k} text: agreement {r['agreement']:.1%}, "
-              f"mean exit layer {r['mean_exit_layer']:.1f} of {model.config.n_layers}, compute saved {r['compute_saved']:.1%}, ppl {r['ppl']:.1f}")
+    print(report(records, args.plot))
+    for r in records:
+        if r["policy"] == "router" and r["setting"] == threshold:
+            print(f"\nshipped threshold {threshold} on {r['scenario']} (n = {r['n']} tokens): agreement {r['agreement']:.1%} "
+                  f"[{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}], mean exit layer {r['mean_exit_layer']:.1f} of "
+                  f"{model.config.n_layers}, compute saved {r['compute_saved']:.1%}, ppl {r['ppl']:.1f} (full {r['full_ppl']:.1f})")
     print(f"\nplot: {args.plot}; total {time.time() - t0:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"router": str(out), "sweep": results, "default_threshold": default}, indent=2))
-
+        meta = {"command": "python train_exits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "model": model.name, "base_model": model_id(model), "router": str(out), "threshold": threshold}
+        Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
 
 if __name__ == "__main__":
     try:

@@ -1,15 +1,46 @@
-"""bench.py end to end on a tiny model: it runs and writes well-formed records."""
+"""bench.py: the record schema, the interval, and the prefill scenario against full depth."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from adept import Router, model_id
+import pytest
+import torch
+
+from adept import FullDepth, Router, Stats, model_id
+from bench import prefill_last, run_prefill
+from train_exits import wilson
 
 REPO = Path(__file__).resolve().parent.parent
+SCHEMA = {"policy", "setting", "scenario", "model", "reference", "n", "mean_exit_layer", "compute_saved", "agreement",
+          "agreement_lo", "agreement_hi"}
 
 
-def test_bench_quick_writes_wellformed_json(tiny, tmp_path):
+@pytest.mark.parametrize("k,n,lo,hi", [(0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (5, 10, 0.2366, 0.7634),
+                                       (90, 100, 0.8256, 0.9448)])
+def test_wilson_interval_on_known_counts(k, n, lo, hi):
+    """95% Wilson score intervals, values from the closed form (e.g. 0/10: [0, z²/(n+z²)] = [0, 0.2775])."""
+    got = wilson(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+    assert got[0] <= k / n <= got[1]
+
+
+def test_prefill_under_full_policy_equals_plain_forward(tiny):
+    """The prefill scenario's last-position prediction at full depth is the plain model's (float tolerance: the head
+    runs on one row here and on all rows in model(), which round differently), with the same argmax."""
+    model, *_ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    logp, _ = prefill_last(model, ids, FullDepth(), Stats())
+    with torch.no_grad():
+        plain = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
+    torch.testing.assert_close(logp, plain, atol=1e-5, rtol=1e-5)
+    assert int(logp.argmax()) == int(plain.argmax())
+    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("full", None): FullDepth()}, n_gated=0)
+    n, n_agree, stats, m = out[("full", None)]
+    assert (n, n_agree, m["kl"]) == (2, 2, 0.0) and stats.mean_exit_layer == model.config.n_layers
+
+
+def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
     model, *_, ckpt = tiny
     c = model.config
     router = Router(c.n_layers, 2 * c.dim + 2 * c.kv_dim)
@@ -18,21 +49,26 @@ def test_bench_quick_writes_wellformed_json(tiny, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(ckpt), "--exits",
                         str(tmp_path / "r.safetensors"), "--json", str(out), "--plots", str(tmp_path / "plots")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
+    assert set(data) == {"meta", "records"} and data["meta"]["kv_fill"]["decoupled"] > 0
     records = data["records"]
-    keys = {"policy", "setting", "scenario", "mean_exit_layer", "tokens_per_s", "full_tokens_per_s", "speedup",
-            "agreement", "ppl", "full_ppl"}
-    assert all(keys <= set(rec) for rec in records)
+    assert all(SCHEMA <= set(rec) for rec in records)
     scenarios = {rec["scenario"] for rec in records}
-    assert {"decode", "kv-sequential", "kv-none"} <= scenarios and any(s.startswith("prefill-") for s in scenarios)
+    assert scenarios == {"decode", "decode-tf", "kv-sequential", "kv-none", "prefill-64"}  # 256 > the tiny context
     assert {rec["policy"] for rec in records} == {"full", "static", "confidence", "entropy", "router"}
     for rec in records:
-        assert 1 <= rec["mean_exit_layer"] <= c.n_layers and 0 <= rec["agreement"] <= 1
-        assert rec["tokens_per_s"] > 0 and rec["ppl"] > 1 and rec["full_ppl"] > 1
+        assert 1 <= rec["mean_exit_layer"] <= c.n_layers and rec["n"] > 0
+        assert rec["agreement_lo"] <= rec["agreement"] <= rec["agreement_hi"]
+        assert (rec["model"], rec["reference"]) == ("base", "base")
         if rec["policy"] == "full":
             assert rec["agreement"] == 1 and rec["mean_exit_layer"] == c.n_layers
-    assert data["kv_fill"]["decoupled"] > 0 and data["kv_fill"]["sequential"] > 0
+        if rec["scenario"].startswith("prefill"):
+            assert rec["tokens_per_s"] > 0 and rec["speedup"] > 0 and rec["kl"] >= 0
+        if rec["scenario"] == "decode-tf":
+            assert rec["ppl"] > 1 and rec["full_ppl"] > 1
+    prefill = {(rec["text"], rec["policy"]): rec["n"] for rec in records if rec["scenario"] == "prefill-64"}
+    assert prefill[("human", "static")] == 16 and prefill[("generated", "static")] == 4 and prefill[("human", "entropy")] == 4
     assert (tmp_path / "plots" / "speed_quality.png").stat().st_size > 0
     assert (tmp_path / "plots" / "exit_depths.png").stat().st_size > 0

@@ -123,8 +123,13 @@ def test_train_exits_command_end_to_end(tiny, tmp_path):
     loaded = Router.load(out, model)
     assert loaded.meta["min_layer"] == "2" and loaded.meta["lam"] == "4.0"
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert set(ev["sweep"]) == {"generated", "human"}
-    assert ev["default_threshold"]["generated"]["setting"] == float(loaded.meta["threshold"])
+    records = ev["records"]
+    assert {r["scenario"] for r in records} == {"eval-generated", "eval-human"}
+    assert all(r["model"] == "base" and r["reference"] == "base" and r["agreement_lo"] <= r["agreement"] <= r["agreement_hi"]
+               for r in records)
+    assert any(r["policy"] == "router" and r["setting"] == float(loaded.meta["threshold"]) for r in records)
+    full = [r for r in records if r["policy"] == "full"]
+    assert len(full) == 2 and all(r["agreement"] == 1 and r["kl"] == pytest.approx(0, abs=1e-6) for r in full)
     r = run()
     assert r.returncode != 0 and "exists; pass --force" in r.stderr
     r = run("--eval")
