@@ -126,10 +126,13 @@ def prefill_last(model, ids, policy, stats):
 def run_prefill(model, docs, policies, n_gated):
     """Each document at full depth (the reference, timed), then through every policy right after it (timed):
     alternation keeps slow drifts of the machine out of the speed-ups. The gates see the first n_gated only.
-    Returns {key: (n, n_agree, stats, measured)}."""
-    acc = {key: [0, 0, Stats(), 0.0, 0.0, 0.0] for key in policies}  # n, agree, stats, kl, seconds, full seconds
+    Returns {key: (n, n_agree, stats, measured)}, full depth's own under ("full", None)."""
+    full = ("full", None)
+    acc = {key: [0, 0, Stats(), 0.0, 0.0, 0.0] for key in [full, *policies]}  # n, agree, stats, kl, seconds, full seconds
     for j, ids in enumerate(docs):
-        ref, full_s = prefill_last(model, ids, FullDepth(), Stats())
+        a = acc[full]
+        ref, full_s = prefill_last(model, ids, FullDepth(), a[2])
+        a[0], a[1], a[4], a[5] = a[0] + 1, a[1] + 1, a[4] + full_s, a[5] + full_s
         for key, pol in policies.items():
             if key[0] in GATES and j >= n_gated:
                 continue
@@ -307,7 +310,7 @@ def main(argv=None):
     # prefill: the last position's prediction after an N-token prompt, every prompt token exiting per the policy
     for n, sets in texts.items():
         for text, (docs, n_gated) in sets.items():
-            out = run_prefill(model, docs, {("full", None): FullDepth(), **policies}, n_gated)
+            out = run_prefill(model, docs, policies, n_gated)
             records += [record(name, setting(name, s), f"prefill-{n}", *r[:3], text=text, **r[3]) for (name, s), r in out.items()]
             print(f"prefill-{n}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adept import FullDepth, Router, Stats, model_id
+from adept import FullDepth, Router, Static, Stats, model_id
 from bench import prefill_last, run_prefill
 from train_exits import wilson
 
@@ -35,9 +35,11 @@ def test_prefill_under_full_policy_equals_plain_forward(tiny):
         plain = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
     torch.testing.assert_close(logp, plain, atol=1e-5, rtol=1e-5)
     assert int(logp.argmax()) == int(plain.argmax())
-    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("full", None): FullDepth()}, n_gated=0)
+    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("static", 2): Static(2, model.config.n_layers)}, n_gated=0)
     n, n_agree, stats, m = out[("full", None)]
-    assert (n, n_agree, m["kl"]) == (2, 2, 0.0) and stats.mean_exit_layer == model.config.n_layers
+    assert (n, n_agree, m["kl"], m["speedup"]) == (2, 2, 0.0, 1.0) and stats.mean_exit_layer == model.config.n_layers
+    n, n_agree, stats, m = out[("static", 2)]
+    assert n == 2 and stats.mean_exit_layer == 2 and m["kl"] > 0
 
 
 def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
