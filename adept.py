@@ -10,9 +10,10 @@ token. Full depth is the `FullDepth` policy, which never exits.
 Layers are counted from 1 here: "exit at layer e" means layers 1..e ran (blocks
 0..e-1 in model.py) and e = L is full depth.
 """
-import hashlib
-from pathlib import Path
+import math
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -169,12 +170,27 @@ class Router(torch.nn.Module):
         need = ("base_model", "n_layers", "dim", "features", "threshold", "hidden")
         if any(k not in meta for k in need) or "w1" not in tensors:
             raise UserError(f"{path} is not a router file from train_exits.py (metadata lacks {[k for k in need if k not in meta]})")
-        if meta["base_model"] != model_id(model) or int(meta["n_layers"]) != model.config.n_layers or int(meta["dim"]) != model.config.dim:
+        if (meta["base_model"], meta["n_layers"], meta["dim"]) != (model_id(model), str(model.config.n_layers), str(model.config.dim)):
             raise UserError(f"router {path} was trained for {meta['base_model']} ({meta['n_layers']} layers, dim {meta['dim']}), "
                             f"not for this model, {model_id(model)}; train one for it with train_exits.py")
         if meta["features"] != cls.FEATURES:
             raise UserError(f"router {path} uses features {meta['features']!r}; this code computes {cls.FEATURES!r}")
-        router = cls(model.config.n_layers, tensors["w1"].shape[1], int(meta["hidden"]))
+        c, hidden = model.config, meta["hidden"]
+        try:
+            ok = int(hidden) >= 1 and 0 <= float(meta["threshold"]) <= 1 and 1 <= int(meta.get("min_layer", 1)) <= c.n_layers
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"{path} has malformed metadata (hidden {hidden!r}, threshold {meta['threshold']!r}, "
+                            f"min_layer {meta.get('min_layer')!r}); retrain it")
+        router = cls(c.n_layers, c.dim + c.q_dim + 2 * c.kv_dim, int(hidden))
+        want = {k: t.shape for k, t in router.state_dict().items()}
+        for k, t in tensors.items():
+            if k not in want or t.shape != want[k] or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise UserError(f"{path} is damaged: tensor {k} {tuple(t.shape)} {t.dtype} is not a finite float tensor "
+                                f"of shape {tuple(want.get(k, ()))}, as its metadata and this model require; retrain it")
+        if set(tensors) != set(want):
+            raise UserError(f"{path} is damaged: it lacks {sorted(set(want) - set(tensors))}; retrain it")
         router.load_state_dict(tensors)
         router.meta = meta
         return router.to(model.tok_emb.device, model.tok_emb.dtype)
@@ -197,14 +213,25 @@ class RouterPolicy(Policy):
 
 
 def model_id(model):
-    """Names a base model for router files: its checkpoint name and a fingerprint of its weights."""
-    digest = hashlib.sha1(model.norm.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
-    return f"{getattr(model, 'name', 'model')}:{digest}"
+    """Names a model for router files: its checkpoint name and the fingerprint of its weights (model.load_weights)."""
+    return f"{getattr(model, 'name', 'model')}:{model.fingerprint[:12]}"
 
 
 def check_range(what, x, lo, hi):
     if not lo <= x <= hi:
         raise UserError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
+
+
+def check_output(path, what, folder=False):
+    """Refuse, before any long work, an output path that could not be written at the end of it."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{what} {p} is {'not ' if folder else ''}a directory; give a {'folder' if folder else 'file'} name")
+    parent = p if folder and p.is_dir() else p.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {p}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {p}: the folder {parent} is not writable")
 
 
 # ----------------------------------------------------------------------------- the forward pass with exits
@@ -281,14 +308,14 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens):
-    if not temperature >= 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
 
 
 @dataclass
@@ -351,18 +378,25 @@ POLICIES = ("router", "confidence", "entropy", "static", "full")
 
 
 def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None):
-    """Build a policy from command-line settings; None = the policy's default."""
+    """Build a policy from command-line settings; None = the policy's default. A setting the chosen
+    policy does not use is an error, not silently ignored."""
+    if name not in POLICIES:
+        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    uses = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
+            "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}[name]
+    given = {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer, "exits": exits}
+    for flag, value in given.items():
+        if value is not None and flag not in uses:
+            raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; "
+                            f"drop it{' (static exits every token at --exit-layer)' if name == 'static' else ''}")
     L = model.config.n_layers
     if min_layer is not None:
         check_range("--min-layer", min_layer, 1, L)
     if name == "router":
         return RouterPolicy(Router.load(exits or DEFAULT_EXITS, model), threshold, min_layer)
-    min_layer = min_layer or 1
     if name == "full":
         return FullDepth()
     if name == "static":
-        return Static(max(exit_layer or min(24, L), min_layer), L)
-    if name in ("confidence", "entropy"):
-        default = 0.9 if name == "confidence" else 0.5
-        return Confidence(default if threshold is None else threshold, min_layer, name == "entropy", model.config.vocab_size)
-    raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+        return Static(min(24, L) if exit_layer is None else exit_layer, L)
+    default = 0.9 if name == "confidence" else 0.5
+    return Confidence(default if threshold is None else threshold, min_layer or 1, name == "entropy", model.config.vocab_size)

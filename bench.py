@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, FullDepth, Stats, forward_tokens, generate, make_policy, model_id, sync
+from adept import DEFAULT_EXITS, FullDepth, Stats, check_output, forward_tokens, generate, make_policy, model_id, sync
 from kv_cache import fill_decoupled, fill_sequential
 from model import DTYPES, UserError, default_checkpoint, load
 from train_exits import evaluate, full_reference, record, sample_batch
@@ -248,6 +248,14 @@ def main(argv=None):
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
     args = p.parse_args(argv)
+    if args.json:
+        check_output(args.json, "--json")
+    if args.plots:
+        check_output(args.plots, "--plots", folder=True)
+    if args.repeats is not None and args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if any(n < 2 for n in args.prefill_lengths or []):
+        raise UserError(f"--prefill-lengths must be >= 2 tokens, got {args.prefill_lengths}")
 
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     L, context = model.config.n_layers, model.config.max_seq_len

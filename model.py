@@ -8,6 +8,7 @@ weights in a single batched matmul. Weights are stored as [in, out], so a layer 
 faster than `x @ w.T` (measured for the default model's shapes), and single-token
 decode is memory-bound.
 """
+import hashlib
 import json
 import math
 import os
@@ -319,7 +320,7 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
                     p + "mlp.gate_proj.weight": (model.w13[i, :, :c.ffn_dim], (c.ffn_dim, D), True),
                     p + "mlp.up_proj.weight": (model.w13[i, :, c.ffn_dim:], (c.ffn_dim, D), True),
                     p + "mlp.down_proj.weight": (model.w2[i], (D, c.ffn_dim), True)}
-    seen, tied_head = {}, None
+    seen, tied_head, samples = {}, None, {}
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
@@ -339,6 +340,8 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
                     if not t.is_floating_point():
                         raise UserError(f"tensor {name} in {f.name} is {t.dtype}, not floating point: "
                                         "quantized or corrupt weights are not supported")
+                    flat = t.flatten()
+                    samples[name] = flat[::max(1, len(flat) // 4096)].contiguous().view(torch.uint8).numpy().tobytes()
                     if name == "lm_head.weight" and c.tie_embeddings:
                         tied_head = t.to(device, dtype)  # compared with the embedding once that is in
                     else:
@@ -352,6 +355,12 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
     missing = [n for n in targets if n not in seen and not (n == "lm_head.weight" and c.tie_embeddings)]
     if missing:
         raise UserError(f"checkpoint {ckpt} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    # What router files name their model by: ~4K values of every tensor as stored, so it does not depend on
+    # --dtype or --device, and any fine-tune or other checkpoint (which changes all values) gets its own.
+    digest = hashlib.sha1()
+    for name in sorted(samples):
+        digest.update(name.encode() + samples[name])
+    model.fingerprint = digest.hexdigest()
     if c.tie_embeddings:
         if "lm_head.weight" in seen and not torch.equal(tied_head, model.tok_emb):
             raise UserError("config.json says tie_word_embeddings, but lm_head.weight differs from the embedding: "
@@ -457,7 +466,7 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32):
         raise UserError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
-        raise UserError(f"checkpoint directory {ckpt} does not exist")
+        raise UserError(f"checkpoint directory {ckpt} {'is a file, not a directory' if ckpt.exists() else 'does not exist'}")
     if not any(ckpt.iterdir()):
         raise UserError(f"checkpoint directory {ckpt} is empty")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from adept import DEFAULT_EXITS, POLICIES, FullDepth, generate, make_policy
+from adept import DEFAULT_EXITS, POLICIES, FullDepth, check_sampling, generate, make_policy
 from model import DTYPES, UserError, default_checkpoint, load
 
 def parse_args(argv=None):
@@ -18,8 +18,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a Hugging Face-layout LLaMA directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -69,6 +69,17 @@ def main(argv=None):
     args = parse_args(argv)
     if args.prompt.strip() == "":
         raise UserError("the prompt is empty; give some text with --prompt")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        raise UserError("the prompt is not valid UTF-8 text; check your terminal's encoding") from None
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UserError("--top-k and --top-p do nothing with greedy decoding; add --temperature > 0 or drop them")
+    if args.compare and args.max_new_tokens < 2:
+        raise UserError("--compare measures decode speed, which needs --max-new-tokens >= 2")
+    if not 0 <= args.seed < 2 ** 64:
+        raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
+    check_sampling(args.temperature, args.top_k, 1.0 if args.top_p is None else args.top_p, args.max_new_tokens)
     torch.manual_seed(args.seed)
     ckpt = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
@@ -83,7 +94,8 @@ def main(argv=None):
           f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)
     show_depth = policy_name != "full"
     printer = Printer(tok, L, show_depth, sys.stdout.isatty() and not args.no_color)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=tok.eos_ids)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p,
+              seed=args.seed, eos_ids=tok.eos_ids)
     g = generate(model, ids, args.max_new_tokens, policy, on_token=printer, **kw)
     print()
     n_dec = max(len(g.tokens) - 1, 0)  # the first token comes from prefill

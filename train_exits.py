@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import (DEFAULT_EXITS, Confidence, FullDepth, Router, RouterPolicy, Static, Stats, forward_tokens, model_id,
-                   router_features, sample)
+from adept import (DEFAULT_EXITS, Confidence, FullDepth, Router, RouterPolicy, Static, Stats, check_output, check_range,
+                   forward_tokens, model_id, router_features, sample)
 from model import UserError, default_checkpoint, load
 
 CHAT_PROMPTS = [
@@ -78,6 +78,20 @@ def docstrings(modules=STDLIB):
             if doc and len(doc) > 300 and (obj is mod or getattr(obj, "__module__", None) == name):
                 out.append(doc)
     return list(dict.fromkeys(out))
+
+
+def read_text(path):
+    """A --data file as text, or one clear error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--data file {path} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"--data {path} is a directory; give text files") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--data file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read --data file {path}: {e.strerror}") from None
 
 
 def chunks(ids, size):
@@ -131,7 +145,7 @@ def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs")):
         batch = prompts[b:b + 16]
         for ids, toks in zip(batch, sample_batch(model, batch, max_new_tokens, tok.eos_ids, seed + b)):
             if len(toks) >= 8:
-                gen.append((ids + toks, len(ids)))
+                gen.append([ids + toks, len(ids)])  # as JSON gives it back
         print(f"\rgenerating text: {min(b + 16, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     runs.mkdir(exist_ok=True)
@@ -144,7 +158,7 @@ def build_data(model, tok, args):
     """Sequences (ids, score_from): the tokens from score_from on are the text that is trained and scored."""
     rng = random.Random(args.seed)
     gen = generated_text(model, tok, args.seed, args.max_new_tokens)
-    docs = [Path(f).read_text() for f in args.data] if args.data else docstrings()
+    docs = list(args.data_texts) if args.data else docstrings()
     rng.shuffle(docs)
     human = [(c, 0) for d in docs for c in chunks(tok.encode(d), 128)]
     rng.shuffle(gen)
@@ -353,9 +367,9 @@ def main(argv=None):
     p.add_argument("--data", nargs="+", help="your own text files as the human text (default: stdlib docstrings)")
     p.add_argument("--lam", type=float, default=4.0, help="λ, weight of task performance T")
     p.add_argument("--beta", type=float, default=1.0, help="β, weight of compute cost C = i/L")
-    p.add_argument("--min-layer", type=int, default=12,
-                   help="no exit before this layer: a shallow exit fills every deeper layer's K/V from a shallow state, "
-                        "which misleads all later tokens")
+    p.add_argument("--min-layer", type=int, default=None,
+                   help="no exit before this layer (default 12, at most half the layers): a shallow exit fills every "
+                        "deeper layer's K/V from a shallow state, which misleads all later tokens")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=16, help="router hidden units per layer")
     p.add_argument("--seed", type=int, default=0)
@@ -371,18 +385,40 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an existing router file")
     args = p.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    model, tok = load(args.checkpoint or default_checkpoint())
-    out = Path(args.out) if args.out else DEFAULT_EXITS
+    # everything the user gave is checked before the minutes of work start
     if args.checkpoint and not args.out:
         raise UserError("with --checkpoint, name the router file to write with --out")
+    out = Path(args.out) if args.out else DEFAULT_EXITS
+    for what, ok, need in [("--lam", 0 < args.lam < math.inf, "> 0"), ("--beta", 0 < args.beta < math.inf, "> 0"),
+                           ("--epochs", args.epochs >= 1, ">= 1"), ("--hidden", args.hidden >= 1, ">= 1"),
+                           ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
+                           ("--max-new-tokens", args.max_new_tokens >= 8, ">= 8"), ("--human-chunks", args.human_chunks >= 0, ">= 0"),
+                           ("--eval-chunks", args.eval_chunks >= 1, ">= 1"),
+                           ("--target-agreement", 0 < args.target_agreement <= 1, "in (0, 1]")]:
+        if not ok:
+            raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    args.data_texts = [read_text(f) for f in args.data or []]
+    runs = Path("runs")
+    runs.mkdir(exist_ok=True)
+    if not args.eval:
+        check_output(out, "--out")
+    if args.json:
+        check_output(args.json, "--json")
+    if args.plot:
+        check_output(args.plot, "--plot")
+    torch.manual_seed(args.seed)
+    model, tok = load(args.checkpoint or default_checkpoint())
+    if args.min_layer is None:
+        args.min_layer = min(12, model.config.n_layers // 2)
+    check_range("--min-layer", args.min_layer, 1, model.config.n_layers)
     router = Router.load(out, model) if args.eval else None
     if not args.eval and out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
-    runs = Path("runs")
-    runs.mkdir(exist_ok=True)
     t0 = time.time()
     data = build_data(model, tok, args)
+    for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
+        if not data[k]:
+            raise UserError(f"no held-out {what} to evaluate on: {'give more text with --data' if args.data else 'generate longer texts'}")
     print(f"data: {sum(len(i) - s for i, s in data['train'])} training (and validation) tokens, "
           f"{sum(len(i) - s for i, s in data['heldout_generated'])} held-out generated, "
           f"{sum(len(i) - s for i, s in data['heldout_human'])} held-out human ({time.time() - t0:.0f}s)", file=sys.stderr)

@@ -235,3 +235,48 @@ def test_kv_fill_modes(tiny):
     # with nothing skipped, the modes agree exactly
     full_none = generate(model, ids, 4, FullDepth(), kv_fill="none")
     assert full_none.tokens == generate(model, ids, 4, FullDepth()).tokens
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(name="static", exit_layer=0), "static exit layer 0 is out of range"),
+    (dict(name="static", exit_layer=-3), "static exit layer -3 is out of range"),
+    (dict(name="static", exit_layer=7), "static exit layer 7 is out of range"),
+    (dict(name="static", exit_layer=3, min_layer=4), "--min-layer does nothing with --policy static"),
+    (dict(name="static", threshold=0.5), "--threshold does nothing with --policy static"),
+    (dict(name="full", threshold=0.5), "--threshold does nothing with --policy full"),
+    (dict(name="full", min_layer=3), "--min-layer does nothing with --policy full"),
+    (dict(name="confidence", exit_layer=3), "--exit-layer does nothing with --policy confidence"),
+    (dict(name="entropy", exits="r.safetensors"), "--exits does nothing with --policy entropy"),
+    (dict(name="confidence", threshold=float("nan")), "confidence threshold nan is out of range"),
+    (dict(name="confidence", min_layer=0), "--min-layer 0 is out of range"),
+])
+def test_policy_settings_out_of_range_or_unused_are_errors(tiny, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        make_policy(model=tiny[0], **kwargs)
+
+
+def damage(path, **change):
+    """Rewrite a router file with some tensors replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors | change, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("change", ["nan", "shape", "int"])
+def test_damaged_router_files_are_refused(tiny, tmp_path, change):
+    model, *_ = tiny
+    r = router_file(model, tmp_path / "r.safetensors")
+    w2 = r.w2.detach().clone()
+    bad = {"nan": w2.index_fill(1, torch.tensor([0]), float("nan")), "shape": w2[:, :5].contiguous(), "int": w2.long()}[change]
+    damage(tmp_path / "r.safetensors", w2=bad)
+    with pytest.raises(UserError, match="is damaged: tensor w2"):
+        Router.load(tmp_path / "r.safetensors", model)
+
+
+def test_router_metadata_that_does_not_parse_is_refused(tiny, tmp_path):
+    model, *_ = tiny
+    router_file(model, tmp_path / "r.safetensors", threshold="high")
+    with pytest.raises(UserError, match="malformed metadata"):
+        Router.load(tmp_path / "r.safetensors", model)

@@ -74,3 +74,14 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
     assert prefill[("human", "static")] == 16 and prefill[("generated", "static")] == 4 and prefill[("human", "entropy")] == 4
     assert (tmp_path / "plots" / "speed_quality.png").stat().st_size > 0
     assert (tmp_path / "plots" / "exit_depths.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,message", [(["--json", "."], "--json . is a directory"),
+                                          (["--plots", "bench.json"], "--plots bench.json is not a directory"),
+                                          (["--json", "no/dir/b.json"], "the folder no/dir does not exist"),
+                                          (["--prefill-lengths", "0"], "--prefill-lengths must be >= 2")])
+def test_bench_bad_output_paths_fail_before_any_work(tiny, tmp_path, args, message):
+    (tmp_path / "bench.json").write_text("{}")
+    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(tiny[4]), *args],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

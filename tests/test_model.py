@@ -234,3 +234,136 @@ def test_sample_cli_streams_and_summarises(tiny):
                    "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9")
     assert r.returncode == 0, r.stderr
     assert "tokens/s decode" in r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input, second round: nothing silently different
+
+def edit_config(**changes):
+    def edit(d, w, c):
+        (d / "config.json").write_text(json.dumps(c | changes))
+    return edit
+
+
+def write_json(name, obj):
+    def edit(d, w, c):
+        (d / name).write_text(json.dumps(obj))
+    return edit
+
+
+def two_shards_with_the_same_tensor(d, w, c):
+    from safetensors.torch import save_file
+    (d / "model.safetensors").unlink()
+    names = list(w)
+    save_file({n: w[n] for n in names}, str(d / "a.safetensors"))
+    save_file({"model.norm.weight": w["model.norm.weight"]}, str(d / "b.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "a.safetensors" for n in names}
+                                                                | {"model.norm.weight": "b.safetensors"}}))
+
+
+BAD_ROUND_2 = {
+    # weights the config does not account for, or that are not weights
+    "a tensor for a 7th layer": (lambda d, w, c: save(d, w | {"model.layers.6.mlp.up_proj.weight": torch.ones(96, 64)}),
+                                 "holds model.layers.6.mlp.up_proj.weight, which a 6-layer LLaMA"),
+    "integer weights": (lambda d, w, c: save(d, w | {"model.norm.weight": torch.ones(64, dtype=torch.int32)}), "is torch.int32, not floating point"),
+    "bool weights": (lambda d, w, c: save(d, w | {"model.norm.weight": torch.ones(64, dtype=torch.bool)}), "is torch.bool, not floating point"),
+    "one tensor in two shards": (two_shards_with_the_same_tensor, "model.norm.weight is in both"),
+    "tied, but a different lm_head": (lambda d, w, c: (save(d, w | {"lm_head.weight": torch.ones(c["vocab_size"], 64)}),
+                                                       edit_config(tie_word_embeddings=True)(d, w, c)), "differs from the embedding"),
+    # config values of the wrong type or that make the forward pass meaningless
+    "boolean num_hidden_layers": (edit_config(num_hidden_layers=True), "'num_hidden_layers' is true; it must be a whole number"),
+    "fractional num_hidden_layers": (edit_config(num_hidden_layers=6.5), "'num_hidden_layers' is 6.5; it must be a whole number"),
+    "tie_word_embeddings as a string": (edit_config(tie_word_embeddings="false"), "'tie_word_embeddings' is \"false\"; it must be true or false"),
+    "hidden_size as a string": (edit_config(hidden_size="64"), "'hidden_size' is \"64\"; it must be a whole number"),
+    "architectures as a string": (edit_config(architectures="LlamaForCausalLM"), "'architectures' .* must be a list"),
+    "rope_scaling as a list": (edit_config(rope_scaling=[1, 2]), "'rope_scaling' is \\[1, 2\\]; it must be an object"),
+    "rope_theta 0": (edit_config(rope_theta=0), "rope_theta 0.0 must be a positive number"),
+    "rope_theta NaN": (edit_config(rope_theta=float("nan")), "rope_theta nan must be a positive number"),
+    "zero scaling factor": (edit_config(rope_scaling={"rope_type": "linear", "factor": 0}), "needs a positive number 'factor', got 0"),
+    "negative scaling factor": (edit_config(rope_scaling={"rope_type": "linear", "factor": -2.0}), "needs a positive number 'factor'"),
+    "negative rms_norm_eps": (edit_config(rms_norm_eps=-1e-5), "rms_norm_eps -1e-05 must be a finite number >= 0"),
+    "bos outside the vocabulary": (edit_config(bos_token_id=99999), "bos_token_id 99999 is not a token id"),
+    "eos outside the vocabulary": (write_json("generation_config.json", {"eos_token_id": [2, 5000]}), "special token id\\(s\\) \\[5000\\] lie outside"),
+    "eos of the wrong type": (write_json("generation_config.json", {"eos_token_id": "2"}), "eos_token_id .* must be a token id"),
+    "weight_map as a list": (write_json("model.safetensors.index.json", {"weight_map": ["model.safetensors"]}), "must map tensor names to shard file names"),
+    "bos_token as a number": (write_json("tokenizer_config.json", {"bos_token": 5}), "bos_token is 5; it must be a token string"),
+    "add_bos_token as a string": (write_json("tokenizer_config.json", {"add_bos_token": "yes"}), "'add_bos_token' is \"yes\"; it must be true or false"),
+    "chat_template as a number": (write_json("tokenizer_config.json", {"chat_template": 3}), "chat_template must be a string"),
+    "unparsable tokenizer.json": (lambda d, w, c: (d / "tokenizer.json").write_text('{"model": 3}'), "cannot read the tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROUND_2))
+def test_bad_checkpoints_round_2_give_one_clear_error(tmp_path, case):
+    edit, message = BAD_ROUND_2[case]
+    d = broken(tmp_path, edit)
+    with pytest.raises(UserError, match=message) as e:
+        load(d)
+    assert "\n" not in str(e.value)
+
+
+def test_unparsable_sentencepiece_model_is_one_error(tmp_path):
+    d, _, _ = make_checkpoint(tmp_path, tokenizer="sp")
+    (d / "tokenizer.model").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="cannot read the tokenizer"):
+        load(d)
+
+
+def test_a_stray_safetensors_file_is_not_loaded(tmp_path):
+    """A backup beside model.safetensors (with other weights) must not change the model."""
+    from safetensors.torch import save_file
+    d, w, cfg = make_checkpoint(tmp_path / "ckpt")
+    ids = torch.randint(0, cfg["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    clean, _ = load(d)
+    save_file({k: torch.zeros_like(v) for k, v in w.items()}, str(d / "model-backup.safetensors"))
+    with_stray, _ = load(d)
+    with torch.no_grad():
+        assert torch.equal(clean(ids), with_stray(ids))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"ckpt_dir": 42}, "must be a directory path, not int"),
+    ({"dtype": torch.int32}, "dtype torch.int32 is not supported"),
+    ({"dtype": torch.bool}, "dtype torch.bool is not supported"),
+    ({"dtype": torch.complex64}, "dtype torch.complex64 is not supported"),
+    ({"dtype": "float32"}, "dtype 'float32' is not supported"),
+    ({"device": "tpu9"}, "unknown device 'tpu9'"),
+])
+def test_model_load_bad_arguments(tiny, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        load(**({"ckpt_dir": tiny[4]} | kwargs))
+
+
+def test_fingerprint_follows_every_weight_not_only_the_final_norm(tmp_path):
+    from adept import model_id
+    a, w, _ = make_checkpoint(tmp_path / "a")
+    b, _, _ = make_checkpoint(tmp_path / "b")
+    save(b, w | {"model.layers.3.mlp.down_proj.weight": w["model.layers.3.mlp.down_proj.weight"] * 1.01})
+    (tmp_path / "b").rename(tmp_path / "a2")
+    ma, mb = load(a)[0], load(tmp_path / "a2")[0]
+    mb.name = ma.name  # same name, same final norm, one other matrix changed
+    assert model_id(ma) != model_id(mb)
+    assert model_id(ma) == model_id(load(a, dtype=torch.bfloat16)[0])  # but not the dtype it runs in
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "hi", "--temperature", "inf"], "--temperature must be a finite number"),
+    (["--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompt", "hi", "--compare", "--max-new-tokens", "1"], "--compare measures decode speed"),
+    (["--prompt", "hi", "--seed", str(2 ** 64)], "--seed must be in"),
+    (["--prompt", "hi", "--top-k", "5"], "--top-k and --top-p do nothing with greedy decoding"),
+    (["--prompt", "hi", "--policy", "static", "--exit-layer", "0"], "static exit layer 0 is out of range"),
+    (["--prompt", "hi", "--policy", "static", "--exit-layer", "2", "--threshold", "0.5"], "--threshold does nothing"),
+    (["--prompt", "hi", "--policy", "confidence", "--threshold", "nan"], "confidence threshold nan is out of range"),
+])
+def test_sample_cli_bad_input_round_2(tiny, args, message):
+    r = run_sample("--checkpoint", str(tiny[4]), *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") <= 1, r.stderr
+
+
+def test_sample_cli_prompt_that_is_not_utf8(tiny):
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(tiny[4]), "--prompt", b"caf\xe9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -134,3 +134,53 @@ def test_train_exits_command_end_to_end(tiny, tmp_path):
     assert r.returncode != 0 and "exists; pass --force" in r.stderr
     r = run("--eval")
     assert r.returncode == 0, r.stderr
+
+
+def run_train_exits(ckpt, tmp_path, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_exits.py"), "--checkpoint", str(ckpt), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "r.st", "--data", "missing.txt"], "--data file missing.txt not found"),
+    (["--out", "r.st", "--eval", "--data", "missing.txt"], "--data file missing.txt not found"),
+    (["--out", "r.st", "--data", "."], "--data . is a directory"),
+    (["--out", "r.st", "--json", "no/such/dir/e.json"], "the folder no/such/dir does not exist"),
+    (["--out", "r.st", "--json", "."], "--json . is a directory"),
+    (["--out", "no/such/dir/r.st"], "the folder no/such/dir does not exist"),
+    (["--out", "r.st", "--eval-chunks", "0"], "--eval-chunks must be >= 1"),
+    (["--out", "r.st", "--lam", "-1"], "--lam must be > 0"),
+    (["--out", "r.st", "--beta", "nan"], "--beta must be > 0"),
+    (["--out", "r.st", "--seed", str(2 ** 70)], "--seed must be in"),
+    (["--out", "r.st", "--min-layer", "0"], "--min-layer 0 is out of range"),
+])
+def test_train_exits_bad_input_fails_before_any_work(tiny, tmp_path, args, message):
+    r = run_train_exits(tiny[4], tmp_path, *args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "generating" not in r.stderr and not list(tmp_path.glob("runs/generated-*"))  # no minute-long work was started
+
+
+def test_too_little_text_for_a_held_out_set_is_one_error(tiny, tmp_path):
+    (tmp_path / "short.txt").write_text("Too short.")
+    r = run_train_exits(tiny[4], tmp_path, "--out", "r.st", "--data", "short.txt", "--max-new-tokens", "8")
+    assert r.returncode != 0 and "no held-out human text" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cached_generated_text_is_keyed_by_what_determines_it(tiny, tmp_path):
+    """Changing the seed or the length generates anew; --data and the chunk counts never reuse stale text."""
+    import argparse
+    from train_exits import build_data, generated_text
+    model, tok, *_ = tiny
+    a = generated_text(model, tok, 0, 8, runs=tmp_path)
+    assert generated_text(model, tok, 0, 8, runs=tmp_path) == a and len(list(tmp_path.glob("generated-*"))) == 1
+    generated_text(model, tok, 1, 8, runs=tmp_path)
+    generated_text(model, tok, 0, 9, runs=tmp_path)
+    assert len(list(tmp_path.glob("generated-*"))) == 3
+    args = lambda texts, eval_chunks: argparse.Namespace(seed=0, max_new_tokens=8, data=texts, data_texts=texts,
+                                                        human_chunks=40, eval_chunks=eval_chunks)
+    from conftest import TEXT
+    one, two = build_data(model, tok, args([TEXT], 2)), build_data(model, tok, args([TEXT[::-1]], 3))
+    assert one["heldout_human"] != two["heldout_human"] and len(two["heldout_human"]) == 3
