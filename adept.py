@@ -102,7 +102,7 @@ class Confidence(Policy):
         self.threshold, self.min_layer, self.entropy = threshold, min_layer, entropy
 
     def decide(self, model, i, pos, h, q, k, v, stats):
-        logp = model.head(h, i).float().log_softmax(-1)
+        logp = model.head(h).float().log_softmax(-1)
         stats.router_macs += len(pos) * model.config.dim * model.config.vocab_size
         if self.entropy:
             return -(logp.exp() * logp).sum(-1) <= self.threshold
@@ -116,7 +116,7 @@ class Oracle(Policy):
 
     def decide(self, model, i, pos, h, q, k, v, stats):
         stats.router_macs += len(pos) * model.config.dim * model.config.vocab_size
-        return model.head(h, i).argmax(-1) == self.target[pos]
+        return model.head(h).argmax(-1) == self.target[pos]
 
 
 def router_features(model, h, q, k, v):
@@ -280,13 +280,7 @@ def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False, kv
     heads = (n if all_logits else 1) * c.dim * c.vocab_size
     stats.head_macs += heads
     stats.full_macs += L * layer_macs(c, pos) + heads
-    if not all_logits:
-        return model.head(h_exit[-1], int(exit_layer[-1])), exit_layer
-    logits = torch.empty(n, c.vocab_size, dtype=h_exit.dtype, device=ids.device)
-    for e in exit_layer.unique().tolist():  # the head may differ per layer (exit adapters)
-        at = exit_layer == e
-        logits[at] = model.head(h_exit[at], e)
-    return logits, exit_layer
+    return (model.head(h_exit) if all_logits else model.head(h_exit[-1])), exit_layer
 
 
 # ----------------------------------------------------------------------------- generation

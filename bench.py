@@ -239,6 +239,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint")
     p.add_argument("--exits", help="router file (default: the shipped one, for the default model)")
+    p.add_argument("--tuning", help="merge this exit-tuning delta into the model (agreement is then against the tuned model's full depth)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on 2 cores)")
@@ -257,9 +258,10 @@ def main(argv=None):
     if any(n < 2 for n in args.prefill_lengths or []):
         raise UserError(f"--prefill-lengths must be >= 2 tokens, got {args.prefill_lengths}")
 
-    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype], tuning=args.tuning)
     L, context = model.config.n_layers, model.config.max_seq_len
-    exits = args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None)
+    exits = args.exits or (DEFAULT_EXITS if not args.checkpoint and not args.tuning and DEFAULT_EXITS.is_file() else None)
+    which = "tuned" if args.tuning else "base"  # the records' `model`, and `reference`: each model's own full depth
     repeats = args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.encode(tok.chat(q) if tok.has_chat else q) for q in PROMPTS[:n_prompts]]
@@ -297,7 +299,7 @@ def main(argv=None):
     for (scenario, name, s), rs in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in rs)
         records.append(record(name, setting(name, s), scenario, *identical(rs[-1]["tokens"], full_tokens), rs[-1]["stats"],
-                              text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
+                              which, which, text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
                               tokens_per_s=tps, full_tokens_per_s=full_tps, speedup=tps / full_tps,
                               ppl=full_ppl(model, prompts, rs[-1]["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
 
@@ -311,7 +313,8 @@ def main(argv=None):
             if k not in full_ppl_of:
                 full_ppl_of[k] = evaluate(model, seqs[:k], FullDepth(), refs[:k])[3]["ppl"]
             n, n_agree, stats, m = evaluate(model, seqs[:k], pol, refs[:k])
-            records.append(record(name, setting(name, s), "decode-tf", n, n_agree, stats, text=text, **m, full_ppl=full_ppl_of[k]))
+            records.append(record(name, setting(name, s), "decode-tf", n, n_agree, stats, which, which, text=text, **m,
+                                  full_ppl=full_ppl_of[k]))
         print(f"decode-tf: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
         del refs
 
@@ -319,7 +322,8 @@ def main(argv=None):
     for n, sets in texts.items():
         for text, (docs, n_gated) in sets.items():
             out = run_prefill(model, docs, policies, n_gated)
-            records += [record(name, setting(name, s), f"prefill-{n}", *r[:3], text=text, **r[3]) for (name, s), r in out.items()]
+            records += [record(name, setting(name, s), f"prefill-{n}", *r[:3], which, which, text=text, **r[3])
+                        for (name, s), r in out.items()]
             print(f"prefill-{n}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
     fill = bench_fill(model, min(10, L - 1), 50 if args.quick else 200)

@@ -53,6 +53,19 @@ class KVCache:
         return self.k[i, :, :, :end], self.v[i, :, :, :end], None
 
 
+class SequenceCache:
+    """The cache of a whole sequence computed at once (model.forward): it hands each layer's K/V
+    straight to that layer's attention and keeps nothing else. Nothing is written in place, so
+    autograd can follow it, and no memory is allocated ahead."""
+    mask_unwritten = False
+
+    def write(self, i, pos, k, v):
+        self.k, self.v = k.transpose(1, 2), v.transpose(1, 2)  # [B, n, kv_heads, hd] -> [B, kv_heads, n, hd]
+
+    def read(self, i, end):
+        return self.k[:, :, :end], self.v[:, :, :end], None
+
+
 def skipped_kv(model, h, pos, layers):
     """K (roped) and V of hidden states h [n, D] at positions pos [n], as the given layers would make them.
 

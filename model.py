@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kv_cache import KVCache
+from kv_cache import KVCache, SequenceCache
 
 REPO = Path(__file__).resolve().parent
 
@@ -180,7 +180,6 @@ class Transformer(torch.nn.Module):
         self.w2 = P(L, F_, D)
         self.norm = P(D)
         self.lm_head = P(D, c.vocab_size)  # a transposed copy of tok_emb when tied
-        self.adapters = None               # optional per-layer exit adapters (adept.py); None = identity
         self.register_buffer("cos", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
         if self.cos.device.type != "meta":
@@ -233,29 +232,28 @@ class Transformer(torch.nn.Module):
         gate, up = (x @ self.w13[i]).chunk(2, dim=-1)
         return h + (F.silu(gate) * up) @ self.w2[i], (q, k, v)
 
-    def head(self, h, layer=None):
-        """Logits from a hidden state: final norm + the shared LM head (paper 2's exit head).
-
-        `layer` names the layer h comes from, so that a trained exit adapter for it (if
-        any) is applied first; without adapters every layer uses the head as it is.
-        """
-        if layer is not None and self.adapters is not None and layer < self.config.n_layers:
-            h = self.adapters(h, layer)
+    def head(self, h):
+        """Logits from a hidden state of any layer: final norm + the shared LM head (paper 2's exit head)."""
         return F.rms_norm(h, (self.config.dim,), self.norm, self.config.norm_eps) @ self.lm_head
 
-    def forward(self, ids, hidden_states=None):
-        """Full-depth logits [B, T, vocab] for ids [B, T]: every token through every layer.
+    def forward(self, ids, exit_layer=None, hidden_states=None):
+        """Logits [B, T, vocab] for ids [B, T], the whole sequence at once.
 
-        With a list `hidden_states`, each layer's (h, q, k, v) is appended to it (for
-        training the exit policy).
+        exit_layer [B, T] (1..L; None = all L) forces an ADEPT exit pattern in a dense form that
+        autograd can follow: every token runs every layer, but after its exit layer e its h stays
+        h_e. At each deeper layer its K/V are then computed from h_e, which is exactly the
+        decoupled fill (kv_cache.py), later tokens attend to them, and its logits come from the
+        head at e. It equals adept.forward_tokens under the same pattern (tested) without its
+        savings: exit tuning (train_exits.py) trains through it. With a list `hidden_states`,
+        each layer's (h, q, k, v) is appended to it.
         """
         B, T = ids.shape
-        cache = self.new_cache(B, T)
         pos = torch.arange(T, device=ids.device)
         mask = pos[:, None] >= pos[None, :]  # causal
-        h = self.tok_emb[ids]
+        h, cache = self.tok_emb[ids], SequenceCache()
         for i in range(self.config.n_layers):
-            h, qkv = self.layer(i, h, pos, cache, mask)
+            h_next, qkv = self.layer(i, h, pos, cache, mask)
+            h = h_next if exit_layer is None else torch.where((exit_layer > i)[..., None], h_next, h)  # layer i+1 ran?
             if hidden_states is not None:
                 hidden_states.append((h, *qkv))
         return self.head(h)
@@ -369,6 +367,78 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
             model.lm_head.copy_(model.tok_emb.T)
 
 
+# ----------------------------------------------------------------------------- exit tuning: low-rank deltas
+
+TUNABLE = ("wqkv", "wo", "w13", "w2")  # the stacked projections a delta may change
+
+
+class LowRank(torch.nn.Module):
+    """A low-rank delta of one stacked weight W [L, in, out], every layer at once: W + (alpha/r) · A @ B.
+
+    B starts at zero, so an untrained delta gives the base model bit for bit. Registered as a
+    parametrization of the weight (add_deltas), it is seen by every reader of W under autograd,
+    the layer and the decoupled KV fill alike; `merge_deltas` writes it into W once for inference.
+    """
+    def __init__(self, n_layers, d_in, d_out, rank, alpha):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.randn(n_layers, d_in, rank) / d_in ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(n_layers, rank, d_out))
+        self.scale, self.on = alpha / rank, True
+
+    def forward(self, W):
+        return W + self.scale * (self.A @ self.B) if self.on else W
+
+
+def add_deltas(model, rank, alpha, targets=TUNABLE):
+    """Put a trainable LowRank delta on each target weight of `model`; returns {name: delta}."""
+    from torch.nn.utils import parametrize
+    deltas = {}
+    for name in targets:
+        W = getattr(model, name)
+        deltas[name] = LowRank(W.shape[0], W.shape[1], W.shape[2], rank, alpha).to(W.device, W.dtype)
+        parametrize.register_parametrization(model, name, deltas[name], unsafe=True)
+    return deltas
+
+
+def merge_deltas(model):
+    """Write the deltas into the stacked weights and drop them: inference then runs the plain code."""
+    from torch.nn.utils import parametrize
+    with torch.no_grad():
+        for name in list(getattr(model, "parametrizations", {})):
+            parametrize.remove_parametrizations(model, name, leave_parametrized=True)
+            getattr(model, name).requires_grad_(False)
+
+
+def load_tuning(model, path):
+    """Merge a delta file from `train_exits.py --tune` into a loaded base model, refusing one made for other weights."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise UserError(f"tuning file {path} not found; make one with train_exits.py --tune") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable tuning file ({e})") from None
+    base = f"{model.name}:{model.fingerprint[:12]}"
+    if meta.get("base_model") != base:
+        raise UserError(f"tuning {path} was made for {meta.get('base_model')}, not for this model, {base}")
+    try:
+        rank, alpha, targets = int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(",")
+        deltas = add_deltas(model, rank, alpha, targets)
+        for name, d in deltas.items():
+            d.A.data.copy_(tensors[f"{name}.A"])
+            d.B.data.copy_(tensors[f"{name}.B"])
+    except (KeyError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); make it again") from None
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise UserError(f"{path} holds non-finite values; make it again")
+    merge_deltas(model)
+    model.fingerprint = hashlib.sha1((model.fingerprint + meta["base_model"] + repr(sorted(
+        (k, hashlib.sha1(t.float().numpy().tobytes()).hexdigest()) for k, t in tensors.items()))).encode()).hexdigest()
+    model.tuning = meta
+    return model
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
@@ -454,8 +524,9 @@ class Tokenizer:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def load(ckpt_dir, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face-layout LLaMA checkpoint directory."""
+def load(ckpt_dir, device="cpu", dtype=torch.float32, tuning=None):
+    """(model, tokenizer) from a Hugging Face-layout LLaMA checkpoint directory; `tuning` names a delta
+    file (train_exits.py --tune) to merge into its weights."""
     if not isinstance(ckpt_dir, (str, os.PathLike)):
         raise UserError(f"the checkpoint must be a directory path, not {type(ckpt_dir).__name__}")
     if dtype not in DTYPES.values():
@@ -472,7 +543,9 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     model = Transformer.from_pretrained(ckpt, device, dtype)
-    model.name = ckpt.name
+    model.name, model.tuning = ckpt.name, None
+    if tuning is not None:
+        load_tuning(model, tuning)
     tokenizer = Tokenizer(ckpt)
     outside = sorted(i for i in tokenizer.eos_ids | {tokenizer.bos_id or 0} if not 0 <= i < model.config.vocab_size)
     if outside:

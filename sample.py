@@ -27,6 +27,7 @@ def parse_args(argv=None):
                    help="wrap the prompt in the model's chat template (default: on when the tokenizer has one)")
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="exit policy (default: router when a router for the model exists, else full)")
+    p.add_argument("--tuning", help="merge this exit-tuning delta (train_exits.py --tune) into the model; use a router trained for it")
     p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
     p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")
@@ -83,9 +84,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     ckpt = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
-    model, tok = load(ckpt, args.device, DTYPES[args.dtype])
+    model, tok = load(ckpt, args.device, DTYPES[args.dtype], tuning=args.tuning)
     L = model.config.n_layers
-    default_router = args.exits or (args.checkpoint is None and DEFAULT_EXITS.is_file())
+    default_router = args.exits or (args.checkpoint is None and args.tuning is None and DEFAULT_EXITS.is_file())
     policy_name = args.policy or ("router" if default_router else "full")
     policy = make_policy(policy_name, model, args.threshold, args.min_layer, args.exit_layer, args.exits)
     chat = tok.has_chat if args.chat is None else args.chat

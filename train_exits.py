@@ -24,6 +24,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from adept import (DEFAULT_EXITS, Confidence, FullDepth, Router, RouterPolicy, Static, Stats, check_output, check_range,
                    forward_tokens, model_id, router_features, sample)
-from model import UserError, default_checkpoint, load
+from model import UserError, add_deltas, default_checkpoint, load
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",
@@ -63,6 +64,18 @@ STDLIB = ["argparse", "collections", "json", "csv", "functools", "itertools", "p
           "string", "calendar", "glob", "os", "io", "abc", "copy", "queue", "sched", "uuid", "zlib", "hashlib"]
 
 
+# Exit tuning's own prompts: topics and phrasings that neither the router's data nor bench.py uses.
+TOPICS = ["volcanoes", "the moon", "bread baking", "rivers", "the piano", "chess openings", "recycling", "penguins",
+          "electric cars", "the Roman empire", "coffee", "clouds", "bridges", "the human heart", "solar panels", "libraries",
+          "football", "tigers", "maps", "glass", "the printing press", "deserts", "batteries", "kites", "whales",
+          "gardening", "the telephone", "music festivals", "mushrooms", "lighthouses"]
+TUNE_PROMPTS = ([t.format(x) for t in ("Write a short paragraph about {}.", "Explain {} to a beginner.",
+                                        "Tell me three interesting facts about {}.") for x in TOPICS],
+                [f"Here is a short essay about {x}.\n\n" for x in TOPICS])  # (chat, plain)
+# Modules never imported here: they open windows or browsers, print on import, or are the IDE.
+NOT_IMPORTED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__phello__"}
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -70,7 +83,12 @@ def docstrings(modules=STDLIB):
     """Long docstrings of standard-library modules, classes and functions: English prose on every machine."""
     out = []
     for name in modules:
-        mod = importlib.import_module(name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecated modules warn on import
+                mod = importlib.import_module(name)
+        except Exception:  # a module this platform lacks (e.g. a Windows one)
+            continue
         for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
             if (inspect.ismodule(obj) and obj is not mod) or not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
@@ -132,10 +150,10 @@ def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7,
     return out
 
 
-def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs")):
-    """(ids, prompt length) of text the model writes itself from the built-in prompts, cached in `runs/`
+def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=(CHAT_PROMPTS, PLAIN_PROMPTS)):
+    """(ids, prompt length) of text the model writes itself from (chat, plain) prompts, cached in `runs/`
     under a key of everything that determines it (minutes of sampling on a CPU)."""
-    prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in CHAT_PROMPTS] + [tok.encode(p) for p in PLAIN_PROMPTS]
+    prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in prompts[0]] + [tok.encode(p) for p in prompts[1]]
     key = hashlib.sha1(json.dumps([model_id(model), seed, max_new_tokens, prompts]).encode()).hexdigest()[:12]
     path = runs / f"generated-{key}.json"
     if path.is_file():
@@ -188,7 +206,7 @@ def targets(model, seqs):
         final = model(torch.tensor([ids]), hidden_states=hs)[0, start:].argmax(-1)
         feats.append(torch.stack([router_features(model, h[0, start:], q[0, start:], k[0, start:], v[0, start:])
                                   for h, q, k, v in hs[:-1]]))
-        agree.append(torch.stack([model.head(h[0, start:], i + 1).argmax(-1) == final for i, (h, *_) in enumerate(hs)]))
+        agree.append(torch.stack([model.head(h[0, start:]).argmax(-1) == final for h, *_ in hs]))
     return torch.cat(feats, 1), torch.cat(agree, 1).float()
 
 
@@ -234,6 +252,134 @@ def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, 
         if stop_after is not None and epoch + 1 >= stop_after:
             break
     return losses
+
+
+# ----------------------------------------------------------------------------- exit tuning (joint optimisation, paper 2)
+#
+# The router above learns where a frozen model may exit. Exit tuning changes the model instead:
+# low-rank deltas (model.LowRank) trained by self-distillation from the frozen base, through the
+# ADEPT path itself (model.forward with a sampled exit pattern: exited tokens keep h_e, later
+# tokens read their filled K/V), so that exit states predict what the base's final layer does.
+
+
+def tuning_data(model, tok, args):
+    """Windows [N, tune_len] of token ids to tune on, and held-out windows. Text the model generates from
+    TUNE_PROMPTS (gen_seeds samples of each) and docstrings of every importable standard-library module
+    outside STDLIB (the router's human text, whose held-out part its evaluation scores), or --data.
+    Split by whole document, then each side joined into one stream and cut into windows."""
+    docs = [ids for k in range(args.gen_seeds)
+            for ids, _ in generated_text(model, tok, args.seed + 1 + k, args.gen_tokens, prompts=TUNE_PROMPTS)]
+    modules = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in {*STDLIB, *NOT_IMPORTED})
+    docs += [tok.encode(d) for d in (args.data_texts or docstrings(modules))]
+    random.Random(args.seed).shuffle(docs)
+    n_val, sep = max(1, len(docs) // 20), min(tok.eos_ids or {0})
+    stream = lambda ds: [t for d in ds for t in d + [sep]]
+    windows = lambda ids: torch.tensor(chunks(ids, args.tune_len)[:len(ids) // args.tune_len]).view(-1, args.tune_len)
+    return windows(stream(docs[n_val:])), windows(stream(docs[:n_val]))
+
+
+def sample_exits(shape, layers, rate, n_layers, g):
+    """The exit layer of each token: with probability `rate` a layer drawn uniformly from `layers` (lo, hi), else the last."""
+    e = torch.randint(layers[0], layers[1] + 1, shape, generator=g)
+    return torch.where(torch.rand(shape, generator=g) < rate, e, n_layers)
+
+
+def switch(deltas, on):
+    for d in deltas.values():
+        d.on = on
+
+
+def tuning_loss(model, deltas, ids, exit_layer, final_weight, fill=True):
+    """Per token KL(base at full depth ‖ tuned model), the tuned model's logits taken through the ADEPT path:
+    at its exit layer for a token that exits (weight 1), at the last layer for the others (weight final_weight).
+    fill=False is the ablation without the ADEPT path: exits judged on full-depth states, no filled K/V."""
+    with torch.no_grad():
+        switch(deltas, False)
+        teacher = model(ids).float().log_softmax(-1)  # [B, T, vocab]
+        switch(deltas, True)
+    if fill:
+        logits = model(ids, exit_layer)
+    else:
+        hs = []
+        model(ids, hidden_states=hs)
+        h = torch.stack([h for h, *_ in hs])                                      # [L, B, T, D]
+        logits = model.head(h.gather(0, (exit_layer - 1)[None, ..., None].expand(1, *h.shape[1:]))[0])
+    kl = (teacher.exp() * (teacher - logits.float().log_softmax(-1))).sum(-1)  # [B, T]
+    w = torch.where(exit_layer == model.config.n_layers, final_weight, 1.0)
+    return (w * kl).sum() / w.sum(), kl
+
+
+@torch.no_grad()
+def tuning_estimate(model, deltas, val, layers):
+    """Held-out agreement with the base model's full-depth argmax: the tuned model at full depth, and its shared
+    head at each of `layers`; with the KL at full depth."""
+    switch(deltas, False)
+    base = model(val).float().log_softmax(-1)
+    switch(deltas, True)
+    hs = []
+    tuned = model(val, hidden_states=hs).float().log_softmax(-1)
+    target = base.argmax(-1)
+    out = {"final": (tuned.argmax(-1) == target).float().mean().item(),
+           "final_kl": (base.exp() * (base - tuned)).sum(-1).mean().item()}
+    return out | {f"layer {i}": (model.head(hs[i - 1][0]).argmax(-1) == target).float().mean().item() for i in layers}
+
+
+def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
+    """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path.
+    Resumes from `ckpt` if it exists, and equals an uninterrupted run. Returns (deltas, log)."""
+    from tqdm import tqdm
+    torch.manual_seed(args.seed)
+    deltas = add_deltas(model, args.rank, args.alpha)
+    params = [p for d in deltas.values() for p in (d.A, d.B)]
+    opt = torch.optim.Adam(params, lr=args.tune_lr)
+    step, log = 0, []
+    if ckpt and Path(ckpt).is_file():
+        state = torch.load(ckpt, weights_only=True)
+        for name, d in deltas.items():
+            d.load_state_dict(state["deltas"][name])
+        opt.load_state_dict(state["opt"])
+        step, log = state["step"], state["log"]
+    L, n_val = model.config.n_layers, min(len(val), 8)
+    layers = sorted({args.exit_layers[0], (args.exit_layers[0] + L) // 2, args.exit_layers[1]})
+    if not log:
+        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val[:n_val], layers)})
+    bar = tqdm(total=args.tune_steps, initial=step, desc="exit tuning", disable=not progress)
+    while step < args.tune_steps:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # drawn per step: a resumed run draws the same
+        ids = train[torch.randint(len(train), (args.tune_batch,), generator=g)]
+        exit_layer = sample_exits(ids.shape, args.exit_layers, args.exit_rate, L, g)
+        for group in opt.param_groups:  # linear warm-up, then cosine decay to a tenth
+            warm = min(1.0, (step + 1) / 20)
+            group["lr"] = args.tune_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.tune_steps))
+        loss, kl = tuning_loss(model, deltas, ids, exit_layer, args.final_weight, fill=not args.no_fill)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        full = exit_layer == L
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", final_kl=f"{kl[full].mean().item():.3f}",
+                        exit_kl=f"{kl[~full].mean().item():.3f}")
+        if step % args.eval_every == 0 or step == args.tune_steps:
+            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val[:n_val], layers)})
+            bar.write("  held-out agreement with base: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in log[-1].items() if k not in ("step", "tokens")) + f" ({log[-1]['tokens']} tokens)")
+        if ckpt and (step % args.eval_every == 0 or step == args.tune_steps or step == stop_after):
+            save_atomic({"deltas": {n: d.state_dict() for n, d in deltas.items()}, "opt": opt.state_dict(),
+                         "step": step, "log": log}, ckpt)
+        if stop_after is not None and step >= stop_after:
+            break
+    bar.close()
+    return deltas, log
+
+
+def save_tuning(deltas, path, meta):
+    """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
+    from safetensors.torch import save_file
+    tensors = {f"{n}.{k}": getattr(d, k).detach().to(torch.bfloat16).contiguous() for n, d in deltas.items() for k in "AB"}
+    save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
+    os.replace(f"{path}.tmp", path)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -288,10 +434,10 @@ def evaluate(model, seqs, policy, ref):
     return n, n_agree, stats, {"kl": kl / n, "ppl": math.exp(nll / (n - len(seqs)))}
 
 
-def pick_threshold(model, router, min_layer, seqs, target):
-    """The threshold with the lowest mean exit layer whose agreement reaches `target` on validation sequences,
-    measured through the real ADEPT path (exits change later tokens through the KV fill)."""
-    ref = full_reference(model, seqs)
+def pick_threshold(model, router, min_layer, seqs, target, base=None):
+    """The threshold with the lowest mean exit layer whose agreement (with base's full depth, if given) reaches
+    `target` on validation sequences, measured through the real ADEPT path (exits change later tokens through the KV fill)."""
+    ref = full_reference(base or model, seqs)
     best = (THRESHOLDS[-1], float(model.config.n_layers))
     for tau in THRESHOLDS:
         n, k, stats, _ = evaluate(model, seqs, RouterPolicy(router, tau, min_layer), ref)
@@ -306,8 +452,10 @@ GATES = {"confidence": [0.9, 0.9999], "entropy": [0.5, 0.001]}
 ALL_GATES = {"confidence": [0.5, 0.9, 0.99, 0.999, 0.9999], "entropy": [2.0, 0.5, 0.05, 0.01, 0.001]}
 
 
-def sweep(model, router, seqs, scenario, gates=GATES):
-    """Records for full depth, static depths, the gates and the router's thresholds on one held-out set."""
+def sweep(model, router, seqs, scenario, gates=GATES, base=None):
+    """Records for full depth, static depths, the gates and the router's thresholds on one held-out set.
+    With `base` (the untuned model when `model` carries a delta), agreement is with base's full depth, and
+    base's own full-depth record comes first."""
     L = model.config.n_layers
     settings = {"full": [None], "static": sorted({min(s, L) for s in (12, 16, 20, 24, 26, 28, 29)}), **gates}
     if router is not None:
@@ -315,11 +463,14 @@ def sweep(model, router, seqs, scenario, gates=GATES):
     make = {"full": lambda s: FullDepth(), "static": lambda s: Static(s, L), "confidence": lambda s: Confidence(s),
             "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
             "router": lambda s: RouterPolicy(router, s)}  # with the router file's minimum exit layer
-    ref, rows = full_reference(model, seqs), []
+    ref, rows, which = full_reference(base or model, seqs), [], "tuned" if base else "base"
+    if base:
+        n, k, stats, m = evaluate(base, seqs, FullDepth(), ref)
+        rows.append(record("full", None, scenario, n, k, stats, **m, full_ppl=m["ppl"]))
     for name, values in settings.items():
         for s in values:
             n, k, stats, m = evaluate(model, seqs, make[name](s), ref)
-            rows.append(record(name, s, scenario, n, k, stats, **m, full_ppl=rows[0]["ppl"] if rows else m["ppl"]))
+            rows.append(record(name, s, scenario, n, k, stats, which, "base", **m, full_ppl=rows[0]["ppl"] if rows else m["ppl"]))
             print(f"\r  {scenario} {name} {s}: agreement {k / n:.1%}, saved {stats.saved:.1%}   ",
                   end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -360,6 +511,33 @@ def report(records, plot_path=None):
 # ----------------------------------------------------------------------------- main
 
 
+def tune_main(model, tok, args, tuning_out, runs):
+    """--tune: data, the tuning loop (resumable), the delta file, and the learning curve."""
+    t0 = time.time()
+    base_id = model_id(model)
+    train_w, val_w = tuning_data(model, tok, args)
+    if len(train_w) == 0 or len(val_w) == 0:
+        raise UserError(f"too little text to tune on: {len(train_w)} training and {len(val_w)} held-out windows of "
+                        f"{args.tune_len} tokens; give more with --data or a shorter --tune-len")
+    print(f"tuning data: {train_w.numel()} training tokens, {val_w.numel()} held-out ({time.time() - t0:.0f}s)", file=sys.stderr)
+    ckpt = runs / f"{tuning_out.stem}.resume.pt"
+    deltas, log = tune(model, train_w, val_w, args, ckpt=ckpt)
+    meta = {"base_model": base_id, "rank": args.rank, "alpha": args.alpha, "targets": ",".join(deltas),
+            "final_weight": args.final_weight, "exit_rate": args.exit_rate, "exit_layers": "%d-%d" % tuple(args.exit_layers),
+            "fill_in_loop": not args.no_fill, "data": "--data" if args.data else f"generated x{args.gen_seeds} + stdlib docstrings",
+            "tokens_trained": args.tune_steps * args.tune_batch * args.tune_len, "lr": args.tune_lr, "seed": args.seed}
+    save_tuning(deltas, tuning_out, meta)
+    ckpt.unlink(missing_ok=True)
+    print(f"wrote {tuning_out} after {time.time() - t0:.0f}s\n\nlearning curve (held-out, agreement with the base model's argmax):")
+    keys = [k for k in log[0] if k not in ("step", "tokens")]
+    print("| tokens | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for r in log:
+        print(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python train_exits.py " + " ".join(sys.argv[1:])},
+                                               "learning_curve": log}, indent=2))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
@@ -378,6 +556,24 @@ def main(argv=None):
     p.add_argument("--eval-chunks", type=int, default=8, help="held-out chunks of human text to evaluate on")
     p.add_argument("--target-agreement", type=float, default=0.9, help="default threshold: lowest depth reaching this on validation text")
     p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
+    p.add_argument("--tuning", help="merge this delta file (from --tune) into the model first: train or evaluate a router for it")
+    t = p.add_argument_group("exit tuning (--tune): low-rank deltas distilled from the frozen model through the ADEPT path")
+    t.add_argument("--tune", action="store_true", help="train a delta and write it to --tuning-out, instead of a router")
+    t.add_argument("--tuning-out", help="delta file to write (default: exits/<model>.tuning.safetensors for the default model)")
+    t.add_argument("--rank", type=int, default=16, help="rank of every delta")
+    t.add_argument("--alpha", type=float, default=32.0, help="deltas are scaled by alpha / rank")
+    t.add_argument("--tune-steps", type=int, default=400)
+    t.add_argument("--tune-lr", type=float, default=3e-4)
+    t.add_argument("--tune-batch", type=int, default=4, help="sequences per step")
+    t.add_argument("--tune-len", type=int, default=128, help="tokens per sequence")
+    t.add_argument("--exit-rate", type=float, default=0.5, help="share of tokens that exit in the ADEPT path while tuning")
+    t.add_argument("--exit-layers", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="tokens exit at a layer drawn from LO..HI (default: --min-layer .. L-1)")
+    t.add_argument("--final-weight", type=float, default=4.0, help="weight of the full-depth tokens' loss (exits: 1)")
+    t.add_argument("--no-fill", action="store_true", help="ablation: exits judged on full-depth states, no filled K/V in the loop")
+    t.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
+    t.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
+    t.add_argument("--eval-every", type=int, default=25, help="steps between held-out estimates and checkpoints")
     p.add_argument("--all-gates", action="store_true",
                    help="sweep 5 settings of the confidence and entropy gates instead of 2 (they run the head at every layer: slow)")
     p.add_argument("--json", help="write the evaluation here (records in the schema of bench.py --json)")
@@ -386,7 +582,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     # everything the user gave is checked before the minutes of work start
-    if args.checkpoint and not args.out:
+    if args.checkpoint and not args.out and not args.tune:
         raise UserError("with --checkpoint, name the router file to write with --out")
     out = Path(args.out) if args.out else DEFAULT_EXITS
     for what, ok, need in [("--lam", 0 < args.lam < math.inf, "> 0"), ("--beta", 0 < args.beta < math.inf, "> 0"),
@@ -397,20 +593,45 @@ def main(argv=None):
                            ("--target-agreement", 0 < args.target_agreement <= 1, "in (0, 1]")]:
         if not ok:
             raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    for what, ok, need in [("--rank", args.rank >= 1, ">= 1"), ("--alpha", 0 < args.alpha < math.inf, "> 0"),
+                           ("--tune-steps", args.tune_steps >= 1, ">= 1"), ("--tune-lr", 0 < args.tune_lr < math.inf, "> 0"),
+                           ("--tune-batch", args.tune_batch >= 1, ">= 1"), ("--tune-len", args.tune_len >= 2, ">= 2"),
+                           ("--exit-rate", 0 <= args.exit_rate <= 1, "in [0, 1]"), ("--gen-seeds", args.gen_seeds >= 1, ">= 1"),
+                           ("--final-weight", 0 < args.final_weight < math.inf, "> 0"), ("--eval-every", args.eval_every >= 1, ">= 1")]:
+        if not ok:
+            raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    if args.tune and (args.eval or args.tuning):
+        raise UserError("--tune trains a delta on the base model; --eval and --tuning belong to router runs")
+    if args.tune and args.checkpoint and not args.tuning_out:
+        raise UserError("with --checkpoint, name the delta file to write with --tuning-out")
+    if args.tuning and not args.out and not args.eval:
+        raise UserError("a router for a tuned model is another router: name it with --out")
+    tuning_out = Path(args.tuning_out) if args.tuning_out else DEFAULT_EXITS.with_suffix(".tuning.safetensors")
     args.data_texts = [read_text(f) for f in args.data or []]
     runs = Path("runs")
     runs.mkdir(exist_ok=True)
-    if not args.eval:
+    if args.tune:
+        check_output(tuning_out, "--tuning-out")
+        if tuning_out.exists() and not args.force:
+            raise UserError(f"{tuning_out} exists; pass --force to overwrite it or --tuning-out to write elsewhere")
+    elif not args.eval:
         check_output(out, "--out")
     if args.json:
         check_output(args.json, "--json")
     if args.plot:
         check_output(args.plot, "--plot")
     torch.manual_seed(args.seed)
-    model, tok = load(args.checkpoint or default_checkpoint())
+    model, tok = load(args.checkpoint or default_checkpoint(), tuning=args.tuning)
+    L = model.config.n_layers
     if args.min_layer is None:
-        args.min_layer = min(12, model.config.n_layers // 2)
-    check_range("--min-layer", args.min_layer, 1, model.config.n_layers)
+        args.min_layer = min(12, L // 2)
+    check_range("--min-layer", args.min_layer, 1, L)
+    args.exit_layers = args.exit_layers or [args.min_layer, L - 1]
+    if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
+        raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy 1 <= LO <= HI <= {L}")
+    if args.tune:
+        return tune_main(model, tok, args, tuning_out, runs)
+    base = load(args.checkpoint or default_checkpoint())[0] if args.tuning else None  # what agreement is measured against
     router = Router.load(out, model) if args.eval else None
     if not args.eval and out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
@@ -436,17 +657,17 @@ def main(argv=None):
         router = Router(model.config.n_layers, feats.shape[2], args.hidden)
         router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
         train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt")
-        threshold = pick_threshold(model, router, args.min_layer, val, args.target_agreement)
+        threshold = pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)
         out.parent.mkdir(parents=True, exist_ok=True)
-        router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "n_layers": model.config.n_layers,
+        router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
                                          "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer,
                                          "lam": args.lam, "beta": args.beta, "seed": args.seed, "epochs": args.epochs})
         os.replace(f"{out}.tmp", out)
         (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
         print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
     gates = ALL_GATES if args.all_gates else GATES
-    records = sweep(model, router, data["heldout_generated"], "eval-generated", gates) + \
-        sweep(model, router, data["heldout_human"], "eval-human", gates)
+    records = sweep(model, router, data["heldout_generated"], "eval-generated", gates, base) + \
+        sweep(model, router, data["heldout_human"], "eval-human", gates, base)
     threshold = float(router.meta["threshold"])
     print(report(records, args.plot))
     for r in records:
@@ -457,7 +678,7 @@ def main(argv=None):
     print(f"\nplot: {args.plot}; total {time.time() - t0:.0f}s")
     if args.json:
         meta = {"command": "python train_exits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "model": model.name, "base_model": model_id(model), "router": str(out), "threshold": threshold}
+                "model": model.name, "model_id": model_id(model), "tuning": args.tuning, "router": str(out), "threshold": threshold}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
 
 if __name__ == "__main__":

@@ -280,3 +280,18 @@ def test_router_metadata_that_does_not_parse_is_refused(tiny, tmp_path):
     router_file(model, tmp_path / "r.safetensors", threshold="high")
     with pytest.raises(UserError, match="malformed metadata"):
         Router.load(tmp_path / "r.safetensors", model)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm"])
+def test_dense_forward_with_exits_equals_forward_tokens(request, which):
+    """model.forward(ids, exit_layer) is the autograd-friendly form of the same computation: every token
+    runs every layer but keeps h_e after its exit, so its deeper K/V are the decoupled fill of h_e."""
+    model = request.getfixturevalue(which)[0]
+    L = model.config.n_layers
+    pattern = [L, 2, 3, L, 1, 5, L, 2, 6, 4, 1, L] if L == 6 else [30, 12, 24, 30, 8, 18, 27, 30, 20, 10, 29, 30]
+    ids = prompt(model, len(pattern))
+    adept_logits, exits, _ = run(model, ids, Pattern(pattern))
+    with torch.no_grad():
+        dense = model(ids[None], exit_layer=torch.tensor([pattern]))[0]
+    assert exits.tolist() == pattern
+    torch.testing.assert_close(dense, adept_logits, **(TOL if L == 6 else TOL_DEFAULT))
