@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kv_cache import fill_decoupled, fill_sequential
-from model import UserError
+from model import UserError, model_id, read_artifact
 
 # ----------------------------------------------------------------------------- cost accounting
 
@@ -159,14 +159,7 @@ class Router(torch.nn.Module):
     @classmethod
     def load(cls, path, model):
         """Load a router file, refusing one trained for another model or with other features."""
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
-            raise UserError(f"router file {path} not found; train one with train_exits.py or pass --exits PATH") from None
-        except Exception as e:
-            raise UserError(f"{path} is not a readable router file ({e})") from None
+        meta, tensors = read_artifact(path, "router", "train one with train_exits.py or pass --exits PATH")
         need = ("base_model", "n_layers", "dim", "features", "threshold", "hidden")
         if any(k not in meta for k in need) or "w1" not in tensors:
             raise UserError(f"{path} is not a router file from train_exits.py (metadata lacks {[k for k in need if k not in meta]})")
@@ -210,11 +203,6 @@ class RouterPolicy(Policy):
     def decide(self, model, i, pos, h, q, k, v, stats):
         stats.router_macs += len(pos) * self.router.macs()
         return torch.sigmoid(self.router(i, router_features(model, h, q, k, v))) >= self.threshold
-
-
-def model_id(model):
-    """Names a model for router files: its checkpoint name and the fingerprint of its weights (model.load_weights)."""
-    return f"{getattr(model, 'name', 'model')}:{model.fingerprint[:12]}"
 
 
 def check_range(what, x, lo, hi):

@@ -409,17 +409,27 @@ def merge_deltas(model):
             getattr(model, name).requires_grad_(False)
 
 
-def load_tuning(model, path):
-    """Merge a delta file from `train_exits.py --tune` into a loaded base model, refusing one made for other weights."""
+def model_id(model):
+    """Names a model in router and delta files: its checkpoint name and the fingerprint of its weights."""
+    return f"{getattr(model, 'name', 'model')}:{model.fingerprint[:12]}"
+
+
+def read_artifact(path, what, fix):
+    """(metadata, tensors) of a safetensors file this project wrote (a router or a delta), or one clear error."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
-        raise UserError(f"tuning file {path} not found; make one with train_exits.py --tune") from None
+        raise UserError(f"{what} file {path} not found; {fix}") from None
     except Exception as e:
-        raise UserError(f"{path} is not a readable tuning file ({e})") from None
-    base = f"{model.name}:{model.fingerprint[:12]}"
+        raise UserError(f"{path} is not a readable {what} file ({e})") from None
+
+
+def load_tuning(model, path):
+    """Merge a delta file from `train_exits.py --tune` into a loaded base model, refusing one made for other weights."""
+    meta, tensors = read_artifact(path, "tuning", "make one with train_exits.py --tune")
+    base = model_id(model)
     if meta.get("base_model") != base:
         raise UserError(f"tuning {path} was made for {meta.get('base_model')}, not for this model, {base}")
     try:

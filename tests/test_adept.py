@@ -179,7 +179,7 @@ def test_thresholds_out_of_range_are_refused(tiny):
     with pytest.raises(UserError, match="static exit layer 7 is out of range"):
         Static(L + 1, L)
     with pytest.raises(UserError, match="--min-layer 0 is out of range"):
-        make_policy("full", model, min_layer=0)
+        make_policy("confidence", model, min_layer=0)
     with pytest.raises(UserError, match="router threshold 2.0 is out of range"):
         RouterPolicy(Router(L, 10), 2.0)
 
