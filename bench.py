@@ -270,7 +270,7 @@ def main(argv=None):
     # documents per prefill length: (human, generated) for every policy, and for the gates (the first ones)
     docs_at = lambda first: ((16, 4), (4, 2)) if args.quick else (((200, 32), (16, 6)) if first else ((50, 0), (6, 0)))
     policies = {(name, s): make_policy(name, model, threshold=None if name == "static" else s,
-                                       exit_layer=s if name == "static" else None, exits=exits)
+                                       exit_layer=s if name == "static" else None, exits=exits if name == "router" else None)
                 for name, s in settings(args.quick, exits is not None, L)}
     setting = lambda name, s: float(policies[(name, s)].threshold) if name == "router" and s is None else s
     t0 = time.time()
