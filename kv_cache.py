@@ -57,7 +57,6 @@ class SequenceCache:
     """The cache of a whole sequence computed at once (model.forward): it hands each layer's K/V
     straight to that layer's attention and keeps nothing else. Nothing is written in place, so
     autograd can follow it, and no memory is allocated ahead."""
-    mask_unwritten = False
 
     def write(self, i, pos, k, v):
         self.k, self.v = k.transpose(1, 2), v.transpose(1, 2)  # [B, n, kv_heads, hd] -> [B, kv_heads, n, hd]
@@ -76,7 +75,7 @@ def skipped_kv(model, h, pos, layers):
     c = model.config
     S, n = len(range(c.n_layers)[layers]), h.shape[0]
     x = F.rms_norm(h, (c.dim,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
-    kv = torch.bmm(x, model.wqkv[layers, :, c.q_dim:])                                          # [S, n, 2*kv_dim]
+    kv = torch.bmm(x, model.wqkv[layers, :, c.q_dim:])                                      # [S, n, 2*kv_dim]
     k, v = kv.view(S, n, 2, c.n_kv_heads, c.head_dim).unbind(2)
     return model.rope(k, pos), v
 
