@@ -211,9 +211,9 @@ def run_sample(*args):
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "   "], "prompt is empty"),
     (["--prompt", "hi", "--max-new-tokens", "500"], "exceed the model's context length of 128"),
-    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--prompt", "hi", "--top-p", "1.5", "--temperature", "1"], "--top-p must be in"),
-    (["--prompt", "hi", "--top-k", "0"], "--top-k must be >= 1"),
+    (["--prompt", "hi", "--top-k", "0", "--temperature", "1"], "--top-k must be >= 1"),
     (["--prompt", "hi", "--policy", "confidence", "--threshold", "1.5"], "confidence threshold 1.5 is out of range"),
     (["--prompt", "hi", "--policy", "router", "--exits", "/nonexistent.safetensors"], "router file /nonexistent.safetensors not found"),
 ])
