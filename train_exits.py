@@ -182,7 +182,8 @@ def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=
 
 
 def build_data(model, tok, args):
-    """Sequences (ids, score_from): the tokens from score_from on are the text that is trained and scored."""
+    """Sequences (ids, score_from): the tokens from score_from on are the text that is trained and scored.
+    `model` writes the generated text: the base model, also for a tuned one, so that both are scored on one text."""
     rng = random.Random(args.seed)
     gen = generated_text(model, tok, args.seed, args.max_new_tokens)
     docs = list(args.data_texts) if args.data else docstrings()
@@ -573,14 +574,15 @@ def main(argv=None):
     t.add_argument("--tuning-out", help="delta file to write (default: exits/<model>.tuning.safetensors for the default model)")
     t.add_argument("--rank", type=int, default=8, help="rank of every delta")
     t.add_argument("--alpha", type=float, default=16.0, help="deltas are scaled by alpha / rank")
-    t.add_argument("--tune-steps", type=int, default=400, help="optimizer steps (about 6 s each on 2 CPU cores)")
+    t.add_argument("--tune-steps", type=int, default=200, help="optimizer steps (about 6.6 s each on 2 CPU cores)")
     t.add_argument("--tune-lr", type=float, default=3e-4)
     t.add_argument("--tune-batch", type=int, default=4, help="sequences per step")
     t.add_argument("--tune-len", type=int, default=128, help="tokens per sequence")
-    t.add_argument("--exit-rate", type=float, default=0.5, help="share of tokens that exit in the ADEPT path while tuning")
+    t.add_argument("--exit-rate", type=float, default=0.25, help="share of tokens that exit in the ADEPT path while tuning")
     t.add_argument("--exit-layers", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="tokens exit at a layer drawn from LO..HI (default: --min-layer .. L-1)")
-    t.add_argument("--final-weight", type=float, default=4.0, help="weight of the full-depth tokens' loss (exits: 1)")
+                   help="tokens exit at a layer drawn from LO..HI (default: the deepest 8 exits, L-8 .. L-1, where "
+                        "the router exits on the default model; shallower exits' large losses pulled the deep layers away)")
+    t.add_argument("--final-weight", type=float, default=16.0, help="weight of the full-depth tokens' loss (exits: 1)")
     t.add_argument("--no-fill", action="store_true", help="ablation: exits judged on full-depth states, no filled K/V in the loop")
     t.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
     t.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
@@ -637,7 +639,7 @@ def main(argv=None):
     if args.min_layer is None:
         args.min_layer = min(12, L // 2)
     check_range("--min-layer", args.min_layer, 1, L)
-    args.exit_layers = args.exit_layers or [args.min_layer, L - 1]
+    args.exit_layers = args.exit_layers or [max(1, L - 8), L - 1]
     if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
         raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy 1 <= LO <= HI <= {L}")
     if args.tune:
@@ -647,7 +649,7 @@ def main(argv=None):
     if not args.eval and out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
     t0 = time.time()
-    data = build_data(model, tok, args)
+    data = build_data(base or model, tok, args)
     for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
         if not data[k]:
             raise UserError(f"no held-out {what} to evaluate on: {'give more text with --data' if args.data else 'generate longer texts'}")
