@@ -603,10 +603,8 @@ def main(argv=None):
                            ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
                            ("--max-new-tokens", args.max_new_tokens >= 8, ">= 8"), ("--human-chunks", args.human_chunks >= 0, ">= 0"),
                            ("--eval-chunks", args.eval_chunks >= 1, ">= 1"),
-                           ("--target-agreement", 0 < args.target_agreement <= 1, "in (0, 1]")]:
-        if not ok:
-            raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
-    for what, ok, need in [("--rank", args.rank >= 1, ">= 1"), ("--alpha", 0 < args.alpha < math.inf, "> 0"),
+                           ("--target-agreement", 0 < args.target_agreement <= 1, "in (0, 1]"),
+                           ("--rank", args.rank >= 1, ">= 1"), ("--alpha", 0 < args.alpha < math.inf, "> 0"),
                            ("--tune-steps", args.tune_steps >= 1, ">= 1"), ("--tune-lr", 0 < args.tune_lr < math.inf, "> 0"),
                            ("--tune-batch", args.tune_batch >= 1, ">= 1"), ("--tune-len", args.tune_len >= 2, ">= 2"),
                            ("--exit-rate", 0 <= args.exit_rate <= 1, "in [0, 1]"), ("--gen-seeds", args.gen_seeds >= 1, ">= 1"),
