@@ -154,7 +154,7 @@ class Router(torch.nn.Module):
     def save(self, path, meta):
         from safetensors.torch import save_file
         self.meta = {k: str(v) for k, v in meta.items()} | {"features": self.FEATURES, "hidden": str(self.w2.shape[1])}
-        save_file({k: t.detach().float().contiguous() for k, t in self.state_dict().items()}, str(path), metadata=self.meta)
+        save_file({k: t.detach().float().cpu().contiguous() for k, t in self.state_dict().items()}, str(path), metadata=self.meta)
 
     @classmethod
     def load(cls, path, model):

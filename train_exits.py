@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from adept import (DEFAULT_EXITS, Confidence, FullDepth, Router, RouterPolicy, Static, Stats, check_output, check_range,
                    forward_tokens, model_id, router_features, sample)
-from model import UserError, add_deltas, default_checkpoint, load
+from model import DTYPES, UserError, add_deltas, default_checkpoint, load
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",
@@ -135,14 +135,15 @@ def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7,
     attend to would make NaNs).
     """
     B, P, T = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
-    pad = torch.tensor([P - len(p) for p in prompts])
-    real = torch.arange(T)[None] >= pad[:, None]                     # [B, T]: this position holds a real token
+    dev = model.tok_emb.device
+    pad = torch.tensor([P - len(p) for p in prompts], device=dev)
+    real = torch.arange(T, device=dev)[None] >= pad[:, None]         # [B, T]: this position holds a real token
     cache = model.new_cache(B, T)
-    g = torch.Generator().manual_seed(seed)
-    x, start = torch.tensor([[0] * (P - len(p)) + p for p in prompts]), 0
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x, start = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev), 0
     out, done = [[] for _ in prompts], [False] * B
     for _ in range(max_new_tokens):
-        pos, keys = torch.arange(start, start + x.shape[1]), torch.arange(start + x.shape[1])
+        pos, keys = torch.arange(start, start + x.shape[1], device=dev), torch.arange(start + x.shape[1], device=dev)
         mask = ((pos[:, None] >= keys)[None] & real[:, None, :len(keys)]) | (pos[:, None] == keys)[None]  # [B, n, end]
         h = model.tok_emb[x]
         for i in range(model.config.n_layers):
@@ -155,7 +156,7 @@ def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7,
                 out[b].append(t)
         if all(done):
             break
-        x, start = torch.tensor(nxt)[:, None], start + x.shape[1]
+        x, start = torch.tensor(nxt, device=dev)[:, None], start + x.shape[1]
     return out
 
 
@@ -213,11 +214,11 @@ def targets(model, seqs):
     feats, agree = [], []
     for ids, start in seqs:
         hs = []
-        final = model(torch.tensor([ids]), hidden_states=hs)[0, start:].argmax(-1)
+        final = model(torch.tensor([ids], device=model.tok_emb.device), hidden_states=hs)[0, start:].argmax(-1)
         feats.append(torch.stack([router_features(model, h[0, start:], q[0, start:], k[0, start:], v[0, start:])
                                   for h, q, k, v in hs[:-1]]))
         agree.append(torch.stack([model.head(h[0, start:]).argmax(-1) == final for h, *_ in hs]))
-    return torch.cat(feats, 1), torch.cat(agree, 1).float()
+    return torch.cat(feats, 1).float().cpu(), torch.cat(agree, 1).float().cpu()  # the router trains on the CPU
 
 
 # ----------------------------------------------------------------------------- training
@@ -351,15 +352,17 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
             d.load_state_dict(state["deltas"][name])
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
-    L, n_val = model.config.n_layers, min(len(val), 8)
+    L, dev = model.config.n_layers, model.tok_emb.device
+    val = val[:8].to(dev)  # 1,024 tokens at the default --tune-len
     layers = sorted({args.exit_layers[0], (args.exit_layers[0] + L) // 2, args.exit_layers[1]})
     if not log:
-        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val[:n_val], layers)})
+        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val, layers)})
     bar = tqdm(total=args.tune_steps, initial=step, desc="exit tuning", disable=not progress)
     while step < args.tune_steps:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # drawn per step: a resumed run draws the same
         ids = train[torch.randint(len(train), (args.tune_batch,), generator=g)]
-        exit_layer = sample_exits(ids.shape, args.exit_layers, args.exit_rate, L, g)
+        exit_layer = sample_exits(ids.shape, args.exit_layers, args.exit_rate, L, g).to(dev)
+        ids = ids.to(dev)
         for group in opt.param_groups:  # linear warm-up, then cosine decay to a tenth
             warm = min(1.0, (step + 1) / 20)
             group["lr"] = args.tune_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.tune_steps))
@@ -374,7 +377,7 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
         bar.set_postfix(loss=f"{loss.item():.3f}", final_kl=f"{kl[full].mean().item():.3f}",
                         exit_kl=f"{kl[~full].mean().item():.3f}")
         if step % args.eval_every == 0 or step == args.tune_steps:
-            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val[:n_val], layers)})
+            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val, layers)})
             bar.write("  held-out agreement with base: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in log[-1].items() if k not in ("step", "tokens")) + f" ({log[-1]['tokens']} tokens)")
         if ckpt and (step % args.eval_every == 0 or step == args.tune_steps or step == stop_after):
@@ -389,7 +392,7 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
 def save_tuning(deltas, path, meta):
     """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
     from safetensors.torch import save_file
-    tensors = {f"{n}.{k}": getattr(d, k).detach().to(torch.bfloat16).contiguous() for n, d in deltas.items() for k in "AB"}
+    tensors = {f"{n}.{k}": getattr(d, k).detach().to("cpu", torch.bfloat16).contiguous() for n, d in deltas.items() for k in "AB"}
     save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
     os.replace(f"{path}.tmp", path)
 
@@ -422,7 +425,7 @@ def record(policy, setting, scenario, n, n_agree, stats, model="base", reference
 @torch.no_grad()
 def full_reference(model, seqs):
     """Full depth's log-probabilities [n_scored, vocab] for the scored tokens of each sequence."""
-    return [model(torch.tensor([ids]))[0, start:].float().log_softmax(-1) for ids, start in seqs]
+    return [model(torch.tensor([ids], device=model.tok_emb.device))[0, start:].float().log_softmax(-1) for ids, start in seqs]
 
 
 @torch.no_grad()
@@ -435,7 +438,7 @@ def evaluate(model, seqs, policy, ref):
     stats, n, n_agree, kl, nll = Stats(), 0, 0, 0.0, 0.0
     for (ids, start), r in zip(seqs, ref):
         cache = model.new_cache(1, len(ids))
-        t = torch.tensor(ids)
+        t = torch.tensor(ids, device=model.tok_emb.device)
         if start:
             forward_tokens(model, t[:start], 0, cache, policy, Stats())  # the prompt: exits here change the cache
         logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
@@ -587,6 +590,8 @@ def main(argv=None):
     t.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
     t.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
     t.add_argument("--eval-every", type=int, default=25, help="steps between held-out estimates and checkpoints")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="router runs only: exit tuning trains in float32")
     p.add_argument("--all-gates", action="store_true",
                    help="sweep 5 settings of the confidence and entropy gates instead of 2 (they run the head at every layer: slow)")
     p.add_argument("--json", help="write the evaluation here (records in the schema of bench.py --json)")
@@ -611,6 +616,8 @@ def main(argv=None):
                            ("--final-weight", 0 < args.final_weight < math.inf, "> 0"), ("--eval-every", args.eval_every >= 1, ">= 1")]:
         if not ok:
             raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    if args.tune and args.dtype != "float32":
+        raise UserError("exit tuning trains in float32 (Adam on bfloat16 deltas loses the small updates); drop --dtype")
     if args.tune and (args.eval or args.tuning):
         raise UserError("--tune trains a delta on the base model; --eval and --tuning belong to router runs")
     if args.tune and args.checkpoint and not args.tuning_out:
@@ -632,7 +639,7 @@ def main(argv=None):
     if args.plot:
         check_output(args.plot, "--plot")
     torch.manual_seed(args.seed)
-    model, tok = load(args.checkpoint or default_checkpoint(), tuning=args.tuning)
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype], tuning=args.tuning)
     L = model.config.n_layers
     if args.min_layer is None:
         args.min_layer = min(12, L // 2)
@@ -642,7 +649,7 @@ def main(argv=None):
         raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy 1 <= LO <= HI <= {L}")
     if args.tune:
         return tune_main(model, tok, args, tuning_out, runs)
-    base = load(args.checkpoint or default_checkpoint())[0] if args.tuning else None  # what agreement is measured against
+    base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None  # what agreement is measured against
     router = Router.load(out, model) if args.eval else None
     if not args.eval and out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
@@ -668,6 +675,7 @@ def main(argv=None):
         router = Router(model.config.n_layers, feats.shape[2], args.hidden)
         router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
         train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt")
+        router.to(model.tok_emb.device, model.tok_emb.dtype)
         threshold = pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)
         out.parent.mkdir(parents=True, exist_ok=True)
         router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
