@@ -124,20 +124,21 @@ def prefill_last(model, ids, policy, stats):
 
 
 def run_prefill(model, docs, policies, n_gated):
-    """Each document at full depth (the reference, timed), then through every policy right after it (timed):
-    alternation keeps slow drifts of the machine out of the speed-ups. The gates see the first n_gated only.
-    Returns {key: (n, n_agree, stats, measured)}, full depth's own under ("full", None)."""
-    full = ("full", None)
+    """Each document at `model`'s full depth (the reference, timed), then through every (model, policy) of
+    `policies` right after it (timed): alternation keeps slow drifts of the machine out of the speed-ups.
+    The gates see the first n_gated only. Returns {key: (n, n_agree, stats, measured)}, the reference's
+    own under ("base", "full", None)."""
+    full = ("base", "full", None)
     acc = {key: [0, 0, Stats(), 0.0, 0.0, 0.0] for key in [full, *policies]}  # n, agree, stats, kl, seconds, full seconds
     for j, ids in enumerate(docs):
         a = acc[full]
         ref, full_s = prefill_last(model, ids, FullDepth(), a[2])
         a[0], a[1], a[4], a[5] = a[0] + 1, a[1] + 1, a[4] + full_s, a[5] + full_s
-        for key, pol in policies.items():
-            if key[0] in GATES and j >= n_gated:
+        for key, (m, pol) in policies.items():
+            if key[1] in GATES and j >= n_gated:
                 continue
             a = acc[key]
-            logp, s = prefill_last(model, ids, pol, a[2])
+            logp, s = prefill_last(m, ids, pol, a[2])
             a[0], a[1] = a[0] + 1, a[1] + int(logp.argmax() == ref.argmax())
             a[3], a[4], a[5] = a[3] + float((ref.exp() * (ref - logp)).sum()), a[4] + s, a[5] + full_s
         print(f"\r  {len(ids)}-token prompt {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
@@ -189,19 +190,20 @@ def plots(records, model, tok, router_policy, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out_dir.mkdir(parents=True, exist_ok=True)
-    find = lambda sc, text: {(r["policy"], r["setting"]): r for r in records if r["scenario"] == sc and r["text"] == text}
+    find = lambda sc, text: {(r["model"], r["policy"], r["setting"]): r for r in records if r["scenario"] == sc and r["text"] == text}
     panels = [("decode (speed: free-running; agreement: teacher-forced, generated text)", find("decode", "chat prompts"),
                find("decode-tf", "generated"))]
     panels += [(f"{sc}, {text} text", rows, rows) for sc, text in dict.fromkeys((r["scenario"], r["text"]) for r in records)
                if sc.startswith("prefill-") for rows in [find(sc, text)]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, speed, quality) in zip(axes[0], panels):
-        for pol in dict.fromkeys(k[0] for k in quality):
+        for which, pol in dict.fromkeys(k[:2] for k in quality):
             pts = sorted((speed[k]["speedup"], r["agreement"], r["agreement"] - r["agreement_lo"], r["agreement_hi"] - r["agreement"])
-                         for k, r in quality.items() if k[0] == pol and k in speed)
+                         for k, r in quality.items() if k[:2] == (which, pol) and k in speed)
             if pts:
                 x, y, lo, hi = zip(*pts)
-                ax.errorbar(x, y, yerr=(lo, hi), fmt="k*" if pol == "full" else "o-", label=pol, markersize=5, capsize=2)
+                ax.errorbar(x, y, yerr=(lo, hi), fmt=("k" if which == "base" else "b") + ("*" if pol == "full" else "o-"),
+                            label=pol if which == "base" else f"{which} {pol}", markersize=5, capsize=2)
         n = ", ".join(sorted({str(r["n"]) for r in quality.values()}))
         ax.set(title=title, xlabel="speed-up over full depth (measured)", ylabel=f"argmax agreement with full (n = {n})",
                ylim=(0, 1.03))
@@ -239,7 +241,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint")
     p.add_argument("--exits", help="router file (default: the shipped one, for the default model)")
-    p.add_argument("--tuning", help="merge this exit-tuning delta into the model (agreement is then against the tuned model's full depth)")
+    p.add_argument("--tuning", help="also measure the model with this exit-tuning delta merged, in the same run: frozen vs "
+                   "tuned, agreement and speed-ups against the base model's full depth")
+    p.add_argument("--tuned-exits", help="router file for the tuned model (default: exits/<model>.tuned-router.safetensors "
+                   "beside the default model's delta)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on 2 cores)")
@@ -258,10 +263,13 @@ def main(argv=None):
     if any(n < 2 for n in args.prefill_lengths or []):
         raise UserError(f"--prefill-lengths must be >= 2 tokens, got {args.prefill_lengths}")
 
-    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype], tuning=args.tuning)
+    ckpt = args.checkpoint or default_checkpoint()
+    model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
+    models = {"base": model} | ({"tuned": load(ckpt, args.device, DTYPES[args.dtype], tuning=args.tuning)[0]} if args.tuning else {})
     L, context = model.config.n_layers, model.config.max_seq_len
-    exits = args.exits or (DEFAULT_EXITS if not args.checkpoint and not args.tuning and DEFAULT_EXITS.is_file() else None)
-    which = "tuned" if args.tuning else "base"  # the records' `model`, and `reference`: each model's own full depth
+    default_tuned = DEFAULT_EXITS.with_suffix(".tuned-router.safetensors")
+    exits = {"base": args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None),
+             "tuned": args.tuned_exits or (default_tuned if args.tuning and not args.checkpoint and default_tuned.is_file() else None)}
     repeats = args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.encode(tok.chat(q) if tok.has_chat else q) for q in PROMPTS[:n_prompts]]
@@ -269,10 +277,18 @@ def main(argv=None):
     lengths = sorted({n if n <= context else context // 2 for n in lengths})  # a tiny test model has a short context
     # documents per prefill length: (human, generated) for every policy, and for the gates (the first ones)
     docs_at = lambda first: ((16, 4), (4, 2)) if args.quick else (((200, 32), (16, 6)) if first else ((50, 0), (6, 0)))
-    policies = {(name, s): make_policy(name, model, threshold=None if name == "static" else s,
-                                       exit_layer=s if name == "static" else None, exits=exits if name == "router" else None)
-                for name, s in settings(args.quick, exits is not None, L)}
-    setting = lambda name, s: float(policies[(name, s)].threshold) if name == "router" and s is None else s
+    # (model, policy, setting) -> (model, policy object); the tuned model gets full depth, static and its router (no gates)
+    policies = {}
+    for which, m in models.items():
+        if which == "tuned":
+            policies[(which, "full", None)] = (m, FullDepth())
+        for name, s in settings(args.quick, exits[which] is not None, L):
+            if which == "base" or name not in GATES:
+                policies[(which, name, s)] = (m, make_policy(name, m, threshold=None if name == "static" else s,
+                                                             exit_layer=s if name == "static" else None,
+                                                             exits=exits[which] if name == "router" else None))
+    setting = lambda which, name, s: float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
+    full = (("base", "full", None), (model, FullDepth()))  # the reference, run before the others each time
     t0 = time.time()
     texts = {}
     for n in lengths:
@@ -287,19 +303,19 @@ def main(argv=None):
     # decode, free-running: every policy beside full, alternating, median tokens/s over repeats
     runs = {}
     for rep in range(repeats):
-        for (name, s), pol in [(("full", None), FullDepth())] + list(policies.items()):
-            runs.setdefault(("decode", name, s), []).append(run_decode(model, prompts, n_new, pol))
-        if exits:
+        for key, (m, pol) in [full] + list(policies.items()):
+            runs.setdefault(("decode", *key), []).append(run_decode(m, prompts, n_new, pol))
+        if exits["base"]:
             for fill in ("sequential", "none"):
-                runs.setdefault((f"kv-{fill}", "router", None), []).append(
-                    run_decode(model, prompts, n_new, policies[("router", None)], kv_fill=fill))
+                runs.setdefault((f"kv-{fill}", "base", "router", None), []).append(
+                    run_decode(model, prompts, n_new, policies[("base", "router", None)][1], kv_fill=fill))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-    full_runs = runs[("decode", "full", None)]
+    full_runs = runs[("decode", "base", "full", None)]
     full_tps, full_tokens = statistics.median(r["tokens_per_s"] for r in full_runs), full_runs[-1]["tokens"]
-    for (scenario, name, s), rs in runs.items():
+    for (scenario, which, name, s), rs in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in rs)
-        records.append(record(name, setting(name, s), scenario, *identical(rs[-1]["tokens"], full_tokens), rs[-1]["stats"],
-                              which, which, text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
+        records.append(record(name, setting(which, name, s), scenario, *identical(rs[-1]["tokens"], full_tokens), rs[-1]["stats"],
+                              which, "base", text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
                               tokens_per_s=tps, full_tokens_per_s=full_tps, speedup=tps / full_tps,
                               ppl=full_ppl(model, prompts, rs[-1]["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
 
@@ -308,13 +324,13 @@ def main(argv=None):
                "generated": (generated[:len(generated) // 2], docs_at(True)[1][1])}  # ~3.7K tokens in the full run
     for text, (seqs, n_gated) in tf_sets.items():
         refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
-        for (name, s), pol in [(("full", None), FullDepth())] + list(policies.items()):
+        for (which, name, s), (m, pol) in [full] + list(policies.items()):
             k = n_gated if name in GATES else len(seqs)
             if k not in full_ppl_of:
                 full_ppl_of[k] = evaluate(model, seqs[:k], FullDepth(), refs[:k])[3]["ppl"]
-            n, n_agree, stats, m = evaluate(model, seqs[:k], pol, refs[:k])
-            records.append(record(name, setting(name, s), "decode-tf", n, n_agree, stats, which, which, text=text, **m,
-                                  full_ppl=full_ppl_of[k]))
+            n, n_agree, stats, measured = evaluate(m, seqs[:k], pol, refs[:k])
+            records.append(record(name, setting(which, name, s), "decode-tf", n, n_agree, stats, which, "base", text=text,
+                                  **measured, full_ppl=full_ppl_of[k]))
         print(f"decode-tf: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
         del refs
 
@@ -322,8 +338,8 @@ def main(argv=None):
     for n, sets in texts.items():
         for text, (docs, n_gated) in sets.items():
             out = run_prefill(model, docs, policies, n_gated)
-            records += [record(name, setting(name, s), f"prefill-{n}", *r[:3], which, which, text=text, **r[3])
-                        for (name, s), r in out.items()]
+            records += [record(name, setting(which, name, s), f"prefill-{n}", *r[:3], which, "base", text=text, **r[3])
+                        for (which, name, s), r in out.items()]
             print(f"prefill-{n}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
     fill = bench_fill(model, min(10, L - 1), 50 if args.quick else 200)
@@ -332,11 +348,11 @@ def main(argv=None):
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
           f"greedy tokens, median of {repeats} alternating repeats; n = scored tokens (decode) or prompts (prefill); "
           f"agreement with its 95% Wilson interval\n")
-    print("| scenario | text | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | agreement [95% CI] | KL | ppl | full's ppl |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scenario | text | model | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | agreement [95% CI] | KL | ppl | full's ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda r, k, f: format(r[k], f) if k in r else ""
     for r in records:
-        print(f"| {r['scenario']} | {r['text']} | {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['n']} | "
+        print(f"| {r['scenario']} | {r['text']} | {r['model']} | {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['n']} | "
               f"{r['mean_exit_layer']:.1f} | {r['compute_saved']:.0%} | {fmt(r, 'tokens_per_s', '.1f')} | "
               f"{fmt(r, 'speedup', '.2f')} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
               f"{fmt(r, 'kl', '.3f')} | {fmt(r, 'ppl', '.2f')} | {fmt(r, 'full_ppl', '.2f')} |")
@@ -348,7 +364,7 @@ def main(argv=None):
                 "kv_fill": {**fill, "speedup": fill["sequential"] / fill["decoupled"]}}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     if args.plots:
-        plots(records, model, tok, policies.get(("router", None)) or make_policy("static", model), Path(args.plots))
+        plots(records, model, tok, policies.get(("base", "router", None), (0, make_policy("static", model)))[1], Path(args.plots))
     print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
 
 

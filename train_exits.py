@@ -571,6 +571,7 @@ def main(argv=None):
     p.add_argument("--eval-chunks", type=int, default=8, help="held-out chunks of human text to evaluate on")
     p.add_argument("--target-agreement", type=float, default=0.9, help="default threshold: lowest depth reaching this on validation text")
     p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
+    p.add_argument("--no-router", action="store_true", help="with --eval: full depth, static depths and the gates only")
     p.add_argument("--tuning", help="merge this delta file (from --tune) into the model first: train or evaluate a router for it")
     t = p.add_argument_group("exit tuning (--tune): low-rank deltas distilled from the frozen model through the ADEPT path")
     t.add_argument("--tune", action="store_true", help="train a delta and write it to --tuning-out, instead of a router")
@@ -618,6 +619,8 @@ def main(argv=None):
             raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
     if args.tune and args.dtype != "float32":
         raise UserError("exit tuning trains in float32 (Adam on bfloat16 deltas loses the small updates); drop --dtype")
+    if args.no_router and not args.eval:
+        raise UserError("--no-router belongs to --eval (a router run trains a router)")
     if args.tune and (args.eval or args.tuning):
         raise UserError("--tune trains a delta on the base model; --eval and --tuning belong to router runs")
     if args.tune and args.checkpoint and not args.tuning_out:
@@ -650,7 +653,7 @@ def main(argv=None):
     if args.tune:
         return tune_main(model, tok, args, tuning_out, runs)
     base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None  # what agreement is measured against
-    router = Router.load(out, model) if args.eval else None
+    router = Router.load(out, model) if args.eval and not args.no_router else None
     if not args.eval and out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
     t0 = time.time()
@@ -687,7 +690,7 @@ def main(argv=None):
     gates = ALL_GATES if args.all_gates else GATES
     records = sweep(model, router, data["heldout_generated"], "eval-generated", gates, base) + \
         sweep(model, router, data["heldout_human"], "eval-human", gates, base)
-    threshold = float(router.meta["threshold"])
+    threshold = float(router.meta["threshold"]) if router else None
     print(report(records, args.plot))
     for r in records:
         if r["policy"] == "router" and r["setting"] == threshold:
@@ -697,7 +700,7 @@ def main(argv=None):
     print(f"\nplot: {args.plot}; total {time.time() - t0:.0f}s")
     if args.json:
         meta = {"command": "python train_exits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "model": model.name, "model_id": model_id(model), "tuning": args.tuning, "router": str(out), "threshold": threshold}
+                "model": model.name, "model_id": model_id(model), "tuning": args.tuning, "router": router and str(out), "threshold": threshold}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
 
 if __name__ == "__main__":

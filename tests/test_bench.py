@@ -35,10 +35,11 @@ def test_prefill_under_full_policy_equals_plain_forward(tiny):
         plain = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
     torch.testing.assert_close(logp, plain, atol=1e-5, rtol=1e-5)
     assert int(logp.argmax()) == int(plain.argmax())
-    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("static", 2): Static(2, model.config.n_layers)}, n_gated=0)
-    n, n_agree, stats, m = out[("full", None)]
+    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("base", "static", 2): (model, Static(2, model.config.n_layers))},
+                      n_gated=0)
+    n, n_agree, stats, m = out[("base", "full", None)]
     assert (n, n_agree, m["kl"], m["speedup"]) == (2, 2, 0.0, 1.0) and stats.mean_exit_layer == model.config.n_layers
-    n, n_agree, stats, m = out[("static", 2)]
+    n, n_agree, stats, m = out[("base", "static", 2)]
     assert n == 2 and stats.mean_exit_layer == 2 and m["kl"] > 0
 
 

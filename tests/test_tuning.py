@@ -158,3 +158,15 @@ def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path):
     assert {x["model"] for x in records if x["policy"] == "router"} == {"tuned"}
     r = run("--out", "r.safetensors", "--eval")  # the router for the tuned model, on the base model
     assert r.returncode != 0 and "not for this model" in r.stderr
+    # frozen vs tuned in one bench run: every figure against the base model's full depth
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench.py"), "--quick", "--checkpoint",
+                        str(tiny[4]), "--tuning", "d.safetensors", "--tuned-exits", "r.safetensors", "--json", "bench.json"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert all(x["reference"] == "base" for x in records)
+    for scenario in ("decode", "decode-tf", "prefill-64"):
+        rows = {(x["model"], x["policy"]) for x in records if x["scenario"] == scenario}
+        assert {("base", "full"), ("tuned", "full"), ("tuned", "static"), ("tuned", "router")} <= rows
+        assert ("tuned", "entropy") not in rows  # the gates are measured on the base model only
+    assert all(x["agreement"] == 1 for x in records if (x["model"], x["policy"]) == ("base", "full"))
