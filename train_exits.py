@@ -337,6 +337,9 @@ def tuning_estimate(model, deltas, val, layers):
     return out | {f"layer {i}": (model.head(hs[i - 1][0]).argmax(-1) == target).float().mean().item() for i in layers}
 
 
+RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill")
+
+
 def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
     """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path.
     Resumes from `ckpt` if it exists, and equals an uninterrupted run. Returns (deltas, log)."""
@@ -346,8 +349,13 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
     params = [p for d in deltas.values() for p in (d.A, d.B)]
     opt = torch.optim.Adam(params, lr=args.tune_lr)
     step, log = 0, []
+    recipe = {k: getattr(args, k) for k in RECIPE}
     if ckpt and Path(ckpt).is_file():
         state = torch.load(ckpt, weights_only=True)
+        if state.get("recipe") != recipe:
+            other = {k: v for k, v in (state.get("recipe") or {}).items() if recipe.get(k) != v}
+            raise UserError(f"{ckpt} is the checkpoint of a run with other settings ({other}); rerun with those to "
+                            "resume it, or delete it to start afresh")
         for name, d in deltas.items():
             d.load_state_dict(state["deltas"][name])
         opt.load_state_dict(state["opt"])
@@ -382,7 +390,7 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
                 f"{k} {v:.3f}" for k, v in log[-1].items() if k not in ("step", "tokens")) + f" ({log[-1]['tokens']} tokens)")
         if ckpt and (step % args.eval_every == 0 or step == args.tune_steps or step == stop_after):
             save_atomic({"deltas": {n: d.state_dict() for n, d in deltas.items()}, "opt": opt.state_dict(),
-                         "step": step, "log": log}, ckpt)
+                         "step": step, "log": log, "recipe": recipe}, ckpt)
         if stop_after is not None and step >= stop_after:
             break
     bar.close()
@@ -543,6 +551,13 @@ def tune_main(model, tok, args, tuning_out, runs):
             "tokens_trained": args.tune_steps * args.tune_batch * args.tune_len, "lr": args.tune_lr, "seed": args.seed}
     save_tuning(deltas, tuning_out, meta)
     ckpt.unlink(missing_ok=True)
+    # what bfloat16 storage costs: the last held-out estimate again, with the deltas rounded as stored
+    with torch.no_grad():
+        for p in (p for d in deltas.values() for p in (d.A, d.B)):
+            p.copy_(p.to(torch.bfloat16))
+    layers = [int(k.split()[1]) for k in log[-1] if k.startswith("layer ")]
+    stored = tuning_estimate(model, deltas, val_w[:8].to(model.tok_emb.device), layers)
+    print("stored in bfloat16: " + ", ".join(f"{k} {log[-1][k]:.4f} -> {v:.4f}" for k, v in stored.items()), file=sys.stderr)
     print(f"wrote {tuning_out} after {time.time() - t0:.0f}s\n\nlearning curve (held-out, agreement with the base model's argmax):")
     keys = [k for k in log[0] if k not in ("step", "tokens")]
     print("| tokens | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
@@ -550,7 +565,7 @@ def tune_main(model, tok, args, tuning_out, runs):
         print(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python train_exits.py " + " ".join(sys.argv[1:])},
-                                               "learning_curve": log}, indent=2))
+                                               "learning_curve": log, "stored_bf16": stored}, indent=2))
 
 
 def main(argv=None):

@@ -101,6 +101,9 @@ def test_interrupted_and_resumed_tuning_equals_uninterrupted(tiny, tmp_path):
     assert [r["step"] for r in log] == [0, 4, 8, 12]
     for name in a:
         assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].B, b[name].B), name
+    tune(tiny_model(tiny), train, val, tune_args(), ckpt=ckpt, stop_after=5, progress=False)
+    with pytest.raises(UserError, match=r"other settings \(\{'tune_lr': 0.003\}\)"):   # never resumed with other settings
+        tune(tiny_model(tiny), train, val, tune_args(tune_lr=1e-3), ckpt=ckpt, progress=False)
 
 
 def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
@@ -148,6 +151,8 @@ def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     curve = json.loads((tmp_path / "tune.json").read_text())["learning_curve"]
     assert [p["step"] for p in curve] == [0, 2, 4] and curve[0]["final"] == 1.0  # step 0 is the base model itself
+    stored = json.loads((tmp_path / "tune.json").read_text())["stored_bf16"]
+    assert abs(stored["final"] - curve[-1]["final"]) <= 0.1  # bf16 storage changes agreement by little
     r = run("--tuning", "d.safetensors", "--out", "r.safetensors", "--epochs", "1", "--json", "eval.json")
     assert r.returncode == 0, r.stderr
     records = json.loads((tmp_path / "eval.json").read_text())["records"]
