@@ -258,6 +258,8 @@ def main(argv=None):
         check_output(args.json, "--json")
     if args.plots:
         check_output(args.plots, "--plots", folder=True)
+    if args.tuned_exits and not args.tuning:
+        raise UserError("--tuned-exits is the router of the tuned model: give the delta with --tuning too")
     if args.repeats is not None and args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if any(n < 2 for n in args.prefill_lengths or []):

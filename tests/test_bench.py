@@ -80,7 +80,8 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
 @pytest.mark.parametrize("args,message", [(["--json", "."], "--json . is a directory"),
                                           (["--plots", "bench.json"], "--plots bench.json is not a directory"),
                                           (["--json", "no/dir/b.json"], "the folder no/dir does not exist"),
-                                          (["--prefill-lengths", "0"], "--prefill-lengths must be >= 2")])
+                                          (["--prefill-lengths", "0"], "--prefill-lengths must be >= 2"),
+                                          (["--tuned-exits", "r.safetensors"], "give the delta with --tuning too")])
 def test_bench_bad_output_paths_fail_before_any_work(tiny, tmp_path, args, message):
     (tmp_path / "bench.json").write_text("{}")
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(tiny[4]), *args],

@@ -156,6 +156,8 @@ def run_train_exits(ckpt, tmp_path, *args):
     (["--out", "r.st", "--beta", "nan"], "--beta must be > 0"),
     (["--out", "r.st", "--seed", str(2 ** 70)], "--seed must be in"),
     (["--out", "r.st", "--min-layer", "0"], "--min-layer 0 is out of range"),
+    (["--out", "r.st", "--no-router"], "--no-router belongs to --eval"),
+    (["--tune", "--tuning-out", "d.st", "--dtype", "bfloat16"], "exit tuning trains in float32"),
 ])
 def test_train_exits_bad_input_fails_before_any_work(tiny, tmp_path, args, message):
     r = run_train_exits(tiny[4], tmp_path, *args)
