@@ -23,6 +23,7 @@ Held-out text that no training run in this project reads: the Python reference m
     python bench.py                   # full run, default model (under 30 min on 2 CPU cores)
     python bench.py --quick           # under 3 minutes
     python bench.py --json bench.json --plots docs/
+    python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned, one run
 """
 import argparse
 import hashlib
@@ -361,7 +362,8 @@ def main(argv=None):
     print(f"\nKV fill of one token exiting at layer {min(10, L - 1)} of {L}: decoupled {fill['decoupled'] * 1e6:.0f} us, "
           f"sequential {fill['sequential'] * 1e6:.0f} us: {fill['sequential'] / fill['decoupled']:.1f}x faster")
     if args.json:
-        meta = {"command": command, "model": model.name, "base_model": model_id(model), "dtype": args.dtype,
+        meta = {"command": command, "model": model.name, "base_model": model_id(model), "tuning": args.tuning,
+                "exits": {k: v and str(v) for k, v in exits.items()}, "dtype": args.dtype,
                 "device": args.device, "machine": machine, "repeats": repeats, "seconds": round(time.time() - t0),
                 "kv_fill": {**fill, "speedup": fill["sequential"] / fill["decoupled"]}}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
