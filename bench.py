@@ -203,8 +203,8 @@ def plots(records, model, tok, router_policy, out_dir):
                          for k, r in quality.items() if k[:2] == (which, pol) and k in speed)
             if pts:
                 x, y, lo, hi = zip(*pts)
-                ax.errorbar(x, y, yerr=(lo, hi), fmt=("k" if which == "base" else "b") + ("*" if pol == "full" else "o-"),
-                            label=pol if which == "base" else f"{which} {pol}", markersize=5, capsize=2)
+                fmt = ("k*" if pol == "full" else "o-") if which == "base" else ("b*" if pol == "full" else "s--")  # tuned: dashed
+                ax.errorbar(x, y, yerr=(lo, hi), fmt=fmt, label=pol if which == "base" else f"{which} {pol}", markersize=5, capsize=2)
         n = ", ".join(sorted({str(r["n"]) for r in quality.values()}))
         ax.set(title=title, xlabel="speed-up over full depth (measured)", ylabel=f"argmax agreement with full (n = {n})",
                ylim=(0, 1.03))

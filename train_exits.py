@@ -337,19 +337,22 @@ def tuning_estimate(model, deltas, val, layers):
     return out | {f"layer {i}": (model.head(hs[i - 1][0]).argmax(-1) == target).float().mean().item() for i in layers}
 
 
-RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill")
+# What a resumed run must share with the checkpoint it resumes (the data too: --data, --gen-seeds, --tune-len)
+RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill",
+          "data", "gen_seeds", "tune_len")
 
 
 def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
     """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path.
-    Resumes from `ckpt` if it exists, and equals an uninterrupted run. Returns (deltas, log)."""
+    Resumes from `ckpt` if it exists (a run with the same settings), and equals an uninterrupted run.
+    Returns (deltas, log)."""
     from tqdm import tqdm
     torch.manual_seed(args.seed)
     deltas = add_deltas(model, args.rank, args.alpha)
     params = [p for d in deltas.values() for p in (d.A, d.B)]
     opt = torch.optim.Adam(params, lr=args.tune_lr)
     step, log = 0, []
-    recipe = {k: getattr(args, k) for k in RECIPE}
+    recipe = {k: getattr(args, k, None) for k in RECIPE}
     if ckpt and Path(ckpt).is_file():
         state = torch.load(ckpt, weights_only=True)
         if state.get("recipe") != recipe:
