@@ -244,8 +244,8 @@ def main(argv=None):
     p.add_argument("--exits", help="router file (default: the shipped one, for the default model)")
     p.add_argument("--tuning", help="also measure the model with this exit-tuning delta merged, in the same run: frozen vs "
                    "tuned, agreement and speed-ups against the base model's full depth")
-    p.add_argument("--tuned-exits", help="router file for the tuned model (default: exits/<model>.tuned-router.safetensors "
-                   "beside the default model's delta)")
+    p.add_argument("--tuned-exits", help="router file for the tuned model (default: the shipped one with the shipped delta, "
+                   "else none)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on 2 cores)")
@@ -270,9 +270,9 @@ def main(argv=None):
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     models = {"base": model} | ({"tuned": load(ckpt, args.device, DTYPES[args.dtype], tuning=args.tuning)[0]} if args.tuning else {})
     L, context = model.config.n_layers, model.config.max_seq_len
-    default_tuned = DEFAULT_EXITS.with_suffix(".tuned-router.safetensors")
-    exits = {"base": args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None),
-             "tuned": args.tuned_exits or (default_tuned if args.tuning and not args.checkpoint and default_tuned.is_file() else None)}
+    shipped = args.tuning and Path(args.tuning).resolve() == DEFAULT_EXITS.with_suffix(".tuning.safetensors").resolve()
+    exits = {"base": args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None),  # shipped routers
+             "tuned": args.tuned_exits or (DEFAULT_EXITS.with_suffix(".tuned-router.safetensors") if shipped else None)}
     repeats = args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.encode(tok.chat(q) if tok.has_chat else q) for q in PROMPTS[:n_prompts]]
