@@ -25,8 +25,10 @@ class KVCache:
 
     def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device, mask_unwritten=False):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # masked slots are still multiplied (by a zero weight), so they must not hold NaN from fresh memory
+        alloc = torch.zeros if mask_unwritten else torch.empty
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.mask_unwritten = mask_unwritten
         track = CHECK_WRITES or mask_unwritten
         self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if track else None
