@@ -322,9 +322,12 @@ def tuning_loss(model, deltas, ids, exit_layer, final_weight, fill=True):
 
 
 @torch.no_grad()
-def tuning_estimate(model, deltas, val, layers):
-    """Held-out agreement with the base model's full-depth argmax: the tuned model at full depth, and its shared
-    head at each of `layers`; with the KL at full depth."""
+def tuning_estimate(model, deltas, val, exit_layers):
+    """Held-out agreement with the base model's full-depth argmax on the first 8 windows of `val` (1,024 tokens at
+    the default --tune-len): the tuned model at full depth, and its shared head at the first, middle and last of
+    the tuned exit layers; with the KL at full depth."""
+    L, (lo, hi) = model.config.n_layers, exit_layers
+    layers, val = sorted({lo, (lo + L) // 2, hi}), val[:8].to(model.tok_emb.device)
     switch(deltas, False)
     base = model(val).float().log_softmax(-1)
     switch(deltas, True)
@@ -364,10 +367,8 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
     L, dev = model.config.n_layers, model.tok_emb.device
-    val = val[:8].to(dev)  # 1,024 tokens at the default --tune-len
-    layers = sorted({args.exit_layers[0], (args.exit_layers[0] + L) // 2, args.exit_layers[1]})
     if not log:
-        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val, layers)})
+        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val, args.exit_layers)})
     bar = tqdm(total=args.tune_steps, initial=step, desc="exit tuning", disable=not progress)
     while step < args.tune_steps:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # drawn per step: a resumed run draws the same
@@ -388,7 +389,7 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
         bar.set_postfix(loss=f"{loss.item():.3f}", final_kl=f"{kl[full].mean().item():.3f}",
                         exit_kl=f"{kl[~full].mean().item():.3f}")
         if step % args.eval_every == 0 or step == args.tune_steps:
-            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val, layers)})
+            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val, args.exit_layers)})
             bar.write("  held-out agreement with base: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in log[-1].items() if k not in ("step", "tokens")) + f" ({log[-1]['tokens']} tokens)")
         if ckpt and (step % args.eval_every == 0 or step == args.tune_steps or step == stop_after):
@@ -558,8 +559,7 @@ def tune_main(model, tok, args, tuning_out, runs):
     with torch.no_grad():
         for p in (p for d in deltas.values() for p in (d.A, d.B)):
             p.copy_(p.to(torch.bfloat16))
-    layers = [int(k.split()[1]) for k in log[-1] if k.startswith("layer ")]
-    stored = tuning_estimate(model, deltas, val_w[:8].to(model.tok_emb.device), layers)
+    stored = tuning_estimate(model, deltas, val_w, args.exit_layers)
     print("stored in bfloat16: " + ", ".join(f"{k} {log[-1][k]:.4f} -> {v:.4f}" for k, v in stored.items()), file=sys.stderr)
     print(f"wrote {tuning_out} after {time.time() - t0:.0f}s\n\nlearning curve (held-out, agreement with the base model's argmax):")
     keys = [k for k in log[0] if k not in ("step", "tokens")]
