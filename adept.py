@@ -49,11 +49,33 @@ class Stats:
         """Fraction of full-depth compute saved (negative when the policy costs more than it saves)."""
         return 1 - self.total_macs / max(self.full_macs, 1)
 
+    @property
+    def ideal_speedup(self):
+        """1 / (1 - saved): the speed-up these counts promise if time followed the MACs."""
+        return self.full_macs / max(self.total_macs, 1)
 
-def layer_macs(c, pos):
-    """MACs of one layer for tokens at positions pos [n], each attending to positions 0..p."""
-    n, context = len(pos), int(pos.sum()) + len(pos)
-    return n * (c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim) + 2 * c.q_dim * context
+
+def count(stats, model, policy, pos, exit_layer, n_logits, fill):
+    """Add the work of one forward_tokens call to `stats`, from its tokens' exit layers alone.
+
+    Counting once here, not layer by layer inside the loop, keeps the loop free of
+    bookkeeping (and of host-device syncs). Token j at position p ran layers 1..e_j
+    (each: projections, MLP, and attention over p + 1 positions), was asked by the
+    policy at layers min_layer..min(e_j, L-1), and had layers e_j+1..L filled.
+    """
+    c, L, e = model.config, model.config.n_layers, exit_layer
+    per_layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.q_dim * (pos + 1)  # [n]
+    asked = (e.clamp(max=L - 1) - policy.min_layer + 1).clamp(min=0)
+    layers, layer_work, asked, skipped = torch.stack([e.sum(), (e * per_layer).sum(), asked.sum(), (L - e).sum()]).tolist()
+    full = int(L * per_layer.sum())
+    heads = n_logits * c.dim * c.vocab_size
+    stats.tokens += len(e)
+    stats.layers += layers
+    stats.layer_macs += layer_work
+    stats.router_macs += asked * policy.macs(c)
+    stats.fill_macs += skipped * c.dim * 2 * c.kv_dim if fill else 0
+    stats.head_macs += heads
+    stats.full_macs += full + heads
 
 
 # ----------------------------------------------------------------------------- exit policies
@@ -66,16 +88,20 @@ class Policy:
     the layer, q [n, D] and k, v [n, kv_dim] of the layer (before RoPE), and their
     positions pos [n]. It returns a bool tensor [n] (True = exit now), or None for
     "nobody exits". It is not asked before `min_layer`, nor after the last layer.
+    macs() is its own work per token and layer asked, for the cost counters.
     """
     min_layer = 1
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
+    def decide(self, model, i, pos, h, q, k, v):
         raise NotImplementedError
+
+    def macs(self, c):
+        return 0
 
 
 class FullDepth(Policy):
     """Never exit: the plain model."""
-    def decide(self, model, i, pos, h, q, k, v, stats):
+    def decide(self, model, i, pos, h, q, k, v):
         return None
 
 
@@ -85,7 +111,7 @@ class Static(Policy):
         check_range("static exit layer", k, 1, n_layers)
         self.k = self.min_layer = k
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
+    def decide(self, model, i, pos, h, q, k, v):
         return torch.ones(len(pos), dtype=torch.bool, device=h.device) if i == self.k else None
 
 
@@ -101,12 +127,14 @@ class Confidence(Policy):
             check_range("confidence threshold", threshold, 0.0, 1.0)
         self.threshold, self.min_layer, self.entropy = threshold, min_layer, entropy
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
+    def decide(self, model, i, pos, h, q, k, v):
         logp = model.head(h).float().log_softmax(-1)
-        stats.router_macs += len(pos) * model.config.dim * model.config.vocab_size
         if self.entropy:
             return -(logp.exp() * logp).sum(-1) <= self.threshold
         return logp.max(-1).values.exp() >= self.threshold
+
+    def macs(self, c):
+        return c.dim * c.vocab_size
 
 
 class Oracle(Policy):
@@ -114,9 +142,11 @@ class Oracle(Policy):
     def __init__(self, target, min_layer=1):
         self.target, self.min_layer = target, min_layer
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
-        stats.router_macs += len(pos) * model.config.dim * model.config.vocab_size
+    def decide(self, model, i, pos, h, q, k, v):
         return model.head(h).argmax(-1) == self.target[pos]
+
+    def macs(self, c):
+        return c.dim * c.vocab_size
 
 
 def router_features(model, h, q, k, v):
@@ -147,6 +177,15 @@ class Router(torch.nn.Module):
         """Exit logits [n] for features x [n, n_features] at layer i (1-based)."""
         z = (x - self.mu[i - 1]) / self.sd[i - 1]
         return F.gelu(z @ self.w1[i - 1] + self.b1[i - 1]) @ self.w2[i - 1] + self.b2[i - 1]
+
+    @torch.no_grad()
+    def folded(self):
+        """Per layer (w1, b1, w2, b2) with the input standardisation folded into the first layer,
+        (x - mu) / sd @ w1 + b1 = x @ (w1 / sd) + (b1 - (mu / sd) @ w1), for inference: two fewer
+        elementwise passes per layer, and a Python list, whose indexing is free where a tensor's is an op."""
+        w1 = self.w1 / self.sd[..., None]
+        b1 = self.b1 - torch.einsum("lf,lfh->lh", self.mu / self.sd, self.w1)
+        return list(zip(w1, b1, self.w2, self.b2))
 
     def macs(self):
         return self.w1.shape[1] * self.w1.shape[2] + self.w2.shape[1]
@@ -199,10 +238,17 @@ class RouterPolicy(Policy):
         check_range("router threshold", threshold, 0.0, 1.0)
         self.router, self.threshold = router, threshold
         self.min_layer = int(router.meta.get("min_layer", 1)) if min_layer is None else min_layer
+        self.layers = router.folded()
+        self.logit = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else (threshold - 0.5) * math.inf  # ±inf at 1, 0
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
-        stats.router_macs += len(pos) * self.router.macs()
-        return torch.sigmoid(self.router(i, router_features(model, h, q, k, v))) >= self.threshold
+    def decide(self, model, i, pos, h, q, k, v):
+        """sigmoid(z) >= threshold, decided as z >= logit(threshold): no sigmoid per layer."""
+        w1, b1, w2, b2 = self.layers[i - 1]
+        z = torch.addmv(b2, F.gelu(torch.addmm(b1, router_features(model, h, q, k, v), w1)), w2)
+        return z >= self.logit
+
+    def macs(self, c):
+        return self.router.macs()
 
 
 def check_range(what, x, lo, hi):
@@ -238,36 +284,32 @@ def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False, kv
     Returns (logits, exit_layer): logits [n, vocab] if all_logits else [vocab] for the
     last token, each from the head at its token's exit layer; exit_layer LongTensor [n].
     """
-    c, L, n = model.config, model.config.n_layers, len(ids)
+    L, n = model.config.n_layers, len(ids)
     pos = torch.arange(start, start + n, device=ids.device)
-    mask = pos[:, None] >= torch.arange(start + n, device=ids.device)[None] if n > 1 else None  # [n, end]
+    mask = pos[:, None] >= torch.arange(start + n, device=ids.device)[None]  # [n, end]: causal
     exit_layer = torch.full((n,), L, dtype=torch.long, device=ids.device)
-    h_exit = torch.empty(n, c.dim, dtype=model.tok_emb.dtype, device=ids.device)
-    active = torch.arange(n, device=ids.device)  # which of the n tokens are still running
-    h = model.tok_emb[ids][None]                   # [1, n_active, D]
+    h_exit = torch.empty(n, model.config.dim, dtype=model.tok_emb.dtype, device=ids.device)
+    # The active tokens: their index among the n, positions, mask rows and h [1, n_active, D].
+    # They change only when a token exits, so a layer nobody exits at costs no indexing.
+    active, p, m, h = torch.arange(n, device=ids.device), pos, mask, model.tok_emb[ids][None]
     for i in range(1, L + 1):
-        h, (q, k, v) = model.layer(i - 1, h, pos[active], cache, None if mask is None else mask[active])
-        stats.layer_macs += layer_macs(c, pos[active])
+        h, (q, k, v) = model.layer(i - 1, h, p, cache, m)
         if i == L or i < policy.min_layer:
             continue
-        out = policy.decide(model, i, pos[active], h[0], q[0], k[0], v[0], stats)
-        if out is None or not bool(out.any()):
+        out = policy.decide(model, i, p, h[0], q[0], k[0], v[0])
+        if out is None or not out.any():  # the one host-device sync per layer that early exit needs
             continue
         gone = active[out]
         exit_layer[gone] = i
         h_exit[gone] = h[0, out]
         if KV_FILLS[kv_fill]:
-            KV_FILLS[kv_fill](cache, model, h[0, out], pos[gone], exit_layer[gone])
-            stats.fill_macs += len(gone) * (L - i) * c.dim * 2 * c.kv_dim
-        active, h = active[~out], h[:, ~out]
+            KV_FILLS[kv_fill](cache, model, h[0, out], p[out], exit_layer[gone])
+        stay = ~out
+        active, p, m, h = active[stay], p[stay], m[stay], h[:, stay]
         if len(active) == 0:
             break
     h_exit[active] = h[0]
-    stats.tokens += n
-    stats.layers += int(exit_layer.sum())
-    heads = (n if all_logits else 1) * c.dim * c.vocab_size
-    stats.head_macs += heads
-    stats.full_macs += L * layer_macs(c, pos) + heads
+    count(stats, model, policy, pos, exit_layer, n if all_logits else 1, KV_FILLS[kv_fill])
     return (model.head(h_exit) if all_logits else model.head(h_exit[-1])), exit_layer
 
 

@@ -206,14 +206,14 @@ class Transformer(torch.nn.Module):
         return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype, self.tok_emb.device,
                        mask_unwritten)
 
-    def layer(self, i, h, pos, cache, mask=None):
+    def layer(self, i, h, pos, cache, mask):
         """Run layer i on the tokens of h at positions pos; return the new h and the layer's (q, k, v).
 
         h: [B, n, D]; pos: LongTensor [n]. The tokens' K/V are written to the cache first,
-        then each token attends to cache positions [0, end) with end = mask.shape[-1]
-        (mask [n, end], True = may attend) or, with no mask, to [0, pos[-1] + 1), the
-        single-token decode case. q and k are returned before RoPE, so that they describe
-        the token, not its position.
+        then each token attends to cache positions [0, end) where mask [n, end] (or
+        [B, 1, n, end]) is True. The mask's width, a Python int, says where the context
+        ends, so the layer never waits for a device tensor. q and k are returned before
+        RoPE, so that they describe the token, not its position.
         """
         c = self.config
         B, n, D = h.shape
@@ -222,10 +222,9 @@ class Transformer(torch.nn.Module):
         qr = self.rope(q.view(B, n, c.n_heads, c.head_dim), pos)
         kr = self.rope(k.view(B, n, c.n_kv_heads, c.head_dim), pos)
         cache.write(i, pos, kr, v.view(B, n, c.n_kv_heads, c.head_dim))
-        end = mask.shape[-1] if mask is not None else int(pos[-1]) + 1
-        keys, values, valid = cache.read(i, end)                               # [B, kv_heads, end, hd]
+        keys, values, valid = cache.read(i, mask.shape[-1])                    # [B, kv_heads, end, hd]
         if valid is not None:  # the empty-KV ablation: skipped layers' slots are masked out
-            mask = valid[None] if mask is None else mask & valid  # [n, end]; a token always sees itself
+            mask = mask & valid  # [n, end]; a token always sees itself
         a = F.scaled_dot_product_attention(qr.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         h = h + a.transpose(1, 2).reshape(B, n, c.q_dim) @ self.wo[i]         # [B, heads, n, hd] -> [B, n, q_dim]
         x = F.rms_norm(h, (D,), self.ffn_norm[i], c.norm_eps)

@@ -111,7 +111,8 @@ def main(argv=None):
         f_tps = max(len(f.tokens) - 1, 0) / f.decode_s if f.decode_s > 0 else float("nan")
         same = sum(a == b for a, b in zip(g.tokens, f.tokens))
         prefix = next((j for j, (a, b) in enumerate(zip(g.tokens, f.tokens)) if a != b), min(len(g.tokens), len(f.tokens)))
-        print(f"full: {f_tps:.1f} tokens/s decode; speed ratio {tps / f_tps:.2f}x; "
+        print(f"full: {f_tps:.1f} tokens/s decode; speed ratio {tps / f_tps:.2f}x (ideal from the counters "
+              f"{g.decode.ideal_speedup:.2f}x); "
               f"{same}/{len(f.tokens)} tokens agree position by position, first {prefix} identical", file=sys.stderr)
         print(f"full model's text: {tok.decode(f.tokens)!r}", file=sys.stderr)
 

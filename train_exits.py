@@ -430,7 +430,7 @@ def record(policy, setting, scenario, n, n_agree, stats, model="base", reference
     """One measured figure: `n_agree` of `n` scored tokens (or documents) agree with the reference's argmax."""
     lo, hi = wilson(n_agree, n)
     return {"policy": policy, "setting": setting, "scenario": scenario, "model": model, "reference": reference, "n": n,
-            "mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved,
+            "mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved, "ideal_speedup": stats.ideal_speedup,
             "agreement": n_agree / max(n, 1), "agreement_lo": lo, "agreement_hi": hi, **measured}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adept import (Confidence, FullDepth, Oracle, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
-                   make_policy, model_id)
+                   make_policy, model_id, router_features)
 from conftest import reference_forward
 from kv_cache import fill_decoupled, fill_sequential
 from model import UserError
@@ -25,7 +25,7 @@ class Pattern(Policy):
     def __init__(self, exit_at):
         self.exit_at = torch.tensor(exit_at)
 
-    def decide(self, model, i, pos, h, q, k, v, stats):
+    def decide(self, model, i, pos, h, q, k, v):
         return self.exit_at[pos] == i
 
 
@@ -182,6 +182,56 @@ def test_thresholds_out_of_range_are_refused(tiny):
         make_policy("confidence", model, min_layer=0)
     with pytest.raises(UserError, match="router threshold 2.0 is out of range"):
         RouterPolicy(Router(L, 10), 2.0)
+
+
+def random_router(model, seed=0):
+    """A router with random standardisation and weights, so that folding has something to fold."""
+    c = model.config
+    r = Router(c.n_layers, c.dim + c.q_dim + 2 * c.kv_dim)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in (r.mu, r.b1, r.w2, r.b2):
+            t.copy_(torch.randn(t.shape, generator=g))
+        r.sd.copy_(torch.rand(r.sd.shape, generator=g) + 0.5)
+    return r
+
+
+def test_folded_router_decides_as_the_router_it_was_loaded_from(tiny):
+    """RouterPolicy folds the input standardisation into the first layer and compares the logit with
+    logit(τ) instead of sigmoid(logit) with τ; on random states every decision is the unfolded router's.
+    τ = 1 never exits and τ = 0 always does (sigmoid in float32 reaches 1.0 at logits above ~17, so
+    comparing probabilities would let a very confident token through τ = 1)."""
+    model, *_ = tiny
+    c, r = model.config, random_router(model)
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    h, q, kv = (torch.randn(n, d, generator=g) * 3 for d in (c.dim, c.q_dim, 2 * c.kv_dim))
+    k, v = kv.chunk(2, dim=-1)
+    for tau in (0.0, 0.1, 0.5, 0.9, 1.0):
+        policy = RouterPolicy(r, tau, 1)
+        for i in range(1, c.n_layers):
+            with torch.no_grad():
+                z = r(i, router_features(model, h, q, k, v))
+            expected = {0.0: torch.ones(n, dtype=torch.bool), 1.0: torch.zeros(n, dtype=torch.bool)}.get(tau, torch.sigmoid(z) >= tau)
+            assert torch.equal(policy.decide(model, i, torch.arange(n), h, q, k, v), expected)
+            assert 0 < int((torch.sigmoid(z) >= 0.5).sum()) < n  # the states are on both sides of the boundary
+
+
+def test_cost_counters_follow_the_exit_layers(tiny):
+    """Counted once per call from the exit layers: a router that never exits is asked at every layer from its
+    minimum on (but not after the last), and static k computes k of L layers and fills the other L - k."""
+    model, *_ = tiny
+    c, L, ids = model.config, model.config.n_layers, prompt(model, 10)
+    full, never, static = Stats(), Stats(), Stats()
+    r = random_router(model)
+    with torch.no_grad():
+        forward_tokens(model, ids, 0, model.new_cache(1, 10), FullDepth(), full)
+        forward_tokens(model, ids, 0, model.new_cache(1, 10), RouterPolicy(r, 1.0, 2), never)
+        forward_tokens(model, ids, 0, model.new_cache(1, 10), Static(2, L), static)
+    assert full.layer_macs == never.layer_macs == full.full_macs - full.head_macs and full.router_macs == 0
+    assert never.router_macs == 10 * (L - 2) * r.macs() and never.layers == full.layers == 10 * L
+    assert static.layers == 20 and static.fill_macs == 10 * (L - 2) * c.dim * 2 * c.kv_dim
+    assert static.layer_macs * L == full.layer_macs * 2  # every token ran 2 of L layers
 
 
 def router_file(model, path, **meta):

@@ -43,7 +43,7 @@ def test_cached_decode_equals_whole_sequence(tiny):
         for t in range(8, 20):
             h = model.tok_emb[ids[:, t:t + 1]]
             for i in range(cfg["num_hidden_layers"]):
-                h, _ = model.layer(i, h, torch.tensor([t]), cache)
+                h, _ = model.layer(i, h, torch.tensor([t]), cache, torch.ones(1, t + 1, dtype=torch.bool))
             steps.append(model.head(h[0]))
     torch.testing.assert_close(torch.cat(steps), whole, atol=1e-5, rtol=1e-5)
 
