@@ -154,6 +154,13 @@ def router_features(model, h, q, k, v):
     return torch.cat((F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps), q, k, v), dim=-1)
 
 
+def gelu(x):
+    """Exact GELU, x·Φ(x), written out: F.gelu sends float32 CPU tensors to oneDNN, whose per-call
+    setup (~8 µs, several times that between a layer's large matmuls) costs more than the router's
+    own matmul. Bit for bit what PyTorch's native GELU kernel computes."""
+    return x * 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+
+
 class Router(torch.nn.Module):
     """One small MLP per layer, P(exit | state at layer i) = sigmoid(router(i, features)).
 
@@ -176,7 +183,7 @@ class Router(torch.nn.Module):
     def forward(self, i, x):
         """Exit logits [n] for features x [n, n_features] at layer i (1-based)."""
         z = (x - self.mu[i - 1]) / self.sd[i - 1]
-        return F.gelu(z @ self.w1[i - 1] + self.b1[i - 1]) @ self.w2[i - 1] + self.b2[i - 1]
+        return gelu(z @ self.w1[i - 1] + self.b1[i - 1]) @ self.w2[i - 1] + self.b2[i - 1]
 
     @torch.no_grad()
     def folded(self):
@@ -244,7 +251,7 @@ class RouterPolicy(Policy):
     def decide(self, model, i, pos, h, q, k, v):
         """sigmoid(z) >= threshold, decided as z >= logit(threshold): no sigmoid per layer."""
         w1, b1, w2, b2 = self.layers[i - 1]
-        z = torch.addmv(b2, F.gelu(torch.addmm(b1, router_features(model, h, q, k, v), w1)), w2)
+        z = torch.addmv(b2, gelu(torch.addmm(b1, router_features(model, h, q, k, v), w1)), w2)
         return z >= self.logit
 
     def macs(self, c):
