@@ -11,7 +11,6 @@ Layers are counted from 1 here: "exit at layer e" means layers 1..e ran (blocks
 0..e-1 in model.py) and e = L is full depth.
 """
 import math
-import os
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from kv_cache import fill_decoupled, fill_sequential
-from model import UserError, model_id, read_artifact
+from checkpoint import model_id, read_artifact
+from model import UserError
 
 # ----------------------------------------------------------------------------- cost accounting
 
@@ -261,18 +261,6 @@ class RouterPolicy(Policy):
 def check_range(what, x, lo, hi):
     if not lo <= x <= hi:
         raise UserError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
-
-
-def check_output(path, what, folder=False):
-    """Refuse, before any long work, an output path that could not be written at the end of it."""
-    p = Path(path)
-    if p.exists() and p.is_dir() != folder:
-        raise UserError(f"{what} {p} is {'not ' if folder else ''}a directory; give a {'folder' if folder else 'file'} name")
-    parent = p if folder and p.is_dir() else p.parent
-    if not parent.is_dir():
-        raise UserError(f"{what} {p}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{what} {p}: the folder {parent} is not writable")
 
 
 # ----------------------------------------------------------------------------- the forward pass with exits

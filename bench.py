@@ -1,8 +1,9 @@
 """End-to-end measurements of ADEPT against full depth, on the same machine in the same run.
 
-Scenarios (the README's Results section documents the record schema of --json):
+Scenarios (docs/RESULTS.md documents the record schema of --json):
   decode       free-running greedy generation from a fixed, varied set of chat prompts:
-               tokens/s (alternating with full, median over repeats), mean exit layer, the
+               tokens/s (each run paired with a full-depth run just before it; the speed-up
+               is the median over repeats of the pairs' ratios), mean exit layer, the
                share of tokens identical to the full model's output, and the full model's
                perplexity of each policy's output
   decode-tf    teacher-forced: along the full model's own greedy continuations of the same
@@ -40,10 +41,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, FullDepth, Stats, check_output, forward_tokens, generate, make_policy, model_id, sync
+from adept import DEFAULT_EXITS, FullDepth, Stats, forward_tokens, generate, make_policy, sync
+from checkpoint import DTYPES, load, model_id
+from convert import default_checkpoint
+from data import sample_batch
+from evaluate import check_output, evaluate, full_reference, record
 from kv_cache import fill_decoupled, fill_sequential
-from model import DTYPES, UserError, default_checkpoint, load
-from train_exits import evaluate, full_reference, record, sample_batch
+from model import UserError
+from tune_exits import load_tuning
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -74,7 +79,7 @@ def human_documents(tok, n_tokens, count):
 def generated_documents(model, tok, n_tokens, count, runs=Path("runs")):
     """`count` texts of exactly n_tokens (chat prompt + answer, sampled at temperature 0.7 past the end of the
     turn) that the model writes from GEN_PROMPTS; cached in runs/. Returns [(ids, prompt length)]."""
-    prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in GEN_PROMPTS]
+    prompts = [tok.prompt(p) for p in GEN_PROMPTS]
     key = hashlib.sha1(json.dumps([model_id(model), n_tokens, prompts]).encode()).hexdigest()[:12]
     path = runs / f"bench-generated-{key}.json"
     docs = json.loads(path.read_text()) if path.is_file() else []
@@ -215,7 +220,7 @@ def plots(records, model, tok, router_policy, out_dir):
     fig.savefig(out_dir / "speed_quality.png", dpi=110)
     plt.close(fig)
     # one paragraph, each token shaded by the layer it exited at
-    ids = tok.encode(tok.chat(PARAGRAPH))
+    ids = tok.prompt(PARAGRAPH)
     g = generate(model, ids, min(80, model.config.max_seq_len - len(ids)), router_policy, eos_ids=tok.eos_ids)
     L = model.config.n_layers
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -268,18 +273,19 @@ def main(argv=None):
 
     ckpt = args.checkpoint or default_checkpoint()
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
-    models = {"base": model} | ({"tuned": load(ckpt, args.device, DTYPES[args.dtype], tuning=args.tuning)[0]} if args.tuning else {})
+    models = {"base": model} | ({"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {})
     L, context = model.config.n_layers, model.config.max_seq_len
     shipped = args.tuning and Path(args.tuning).resolve() == DEFAULT_EXITS.with_suffix(".tuning.safetensors").resolve()
     exits = {"base": args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None),  # shipped routers
              "tuned": args.tuned_exits or (DEFAULT_EXITS.with_suffix(".tuned-router.safetensors") if shipped else None)}
     repeats = args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
-    prompts = [tok.encode(tok.chat(q) if tok.has_chat else q) for q in PROMPTS[:n_prompts]]
+    prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
     lengths = args.prefill_lengths or ([256] if args.quick else [256, 1024])
     lengths = sorted({n if n <= context else context // 2 for n in lengths})  # a tiny test model has a short context
-    # documents per prefill length: (human, generated) for every policy, and for the gates (the first ones)
-    docs_at = lambda first: ((16, 4), (4, 2)) if args.quick else (((200, 32), (16, 6)) if first else ((50, 0), (6, 0)))
+    # prefill documents of each text: (for every policy, for the gates: the first ones); the longer prompts: human only
+    docs_at = lambda first: ({"human": (16, 4), "generated": (4, 2)} if args.quick else
+                             {"human": (200, 16), "generated": (32, 6)} if first else {"human": (50, 6)})
     # (model, policy, setting) -> (model, policy object); the tuned model gets full depth, static and its router (no gates)
     policies = {}
     for which, m in models.items():
@@ -293,38 +299,37 @@ def main(argv=None):
     setting = lambda which, name, s: float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
     full = (("base", "full", None), (model, FullDepth()))  # the reference, run before the others each time
     t0 = time.time()
-    texts = {}
-    for n in lengths:
-        (n_hum, n_gen), gated = docs_at(n == lengths[0])
-        texts[n] = {"human": (human_documents(tok, n, n_hum)[0], gated[0])}
-        if n_gen:
-            texts[n]["generated"] = ([ids for ids, _ in generated_documents(model, tok, n, n_gen)], gated[1])
-    generated = generated_documents(model, tok, lengths[0], docs_at(True)[0][1])
+    docs = lambda text, n, k: human_documents(tok, n, k)[0] if text == "human" else [d for d, _ in generated_documents(model, tok, n, k)]
+    texts = {n: {text: (docs(text, n, k), gated) for text, (k, gated) in docs_at(n == lengths[0]).items()} for n in lengths}
+    generated = generated_documents(model, tok, lengths[0], docs_at(True)["generated"][0])
     generate(model, prompts[0], 4, FullDepth())  # warm-up
 
     records = []
-    # decode, free-running: every policy beside full, alternating, median tokens/s over repeats
-    runs = {}
+    # decode, free-running: every policy in a pair with a full-depth run of the same prompts just before it, so that
+    # slow drifts of the machine (and what the policy before did to it) cancel; speed-up: the median pair's ratio
+    runs = {}  # (scenario, model, policy, setting) -> [(the policy's run, the full-depth run before it)]
+    keys = [("decode", *key) for key in [full[0], *policies]]
+    keys += [(f"kv-{fill}", "base", "router", None) for fill in ("sequential", "none")] if exits["base"] else []
     for rep in range(repeats):
-        for key, (m, pol) in [full] + list(policies.items()):
-            runs.setdefault(("decode", *key), []).append(run_decode(m, prompts, n_new, pol))
-        if exits["base"]:
-            for fill in ("sequential", "none"):
-                runs.setdefault((f"kv-{fill}", "base", "router", None), []).append(
-                    run_decode(model, prompts, n_new, policies[("base", "router", None)][1], kv_fill=fill))
+        for key in keys:
+            m, pol = full[1] if key[1:] == full[0] else policies[key[1:]]
+            ref = run_decode(model, prompts, n_new, FullDepth())
+            fill = key[0][3:] if key[0].startswith("kv-") else "decoupled"
+            runs.setdefault(key, []).append((run_decode(m, prompts, n_new, pol, kv_fill=fill), ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-    full_runs = runs[("decode", "base", "full", None)]
-    full_tps, full_tokens = statistics.median(r["tokens_per_s"] for r in full_runs), full_runs[-1]["tokens"]
-    for (scenario, which, name, s), rs in runs.items():
-        tps = statistics.median(r["tokens_per_s"] for r in rs)
-        records.append(record(name, setting(which, name, s), scenario, *identical(rs[-1]["tokens"], full_tokens), rs[-1]["stats"],
+    full_tokens = runs[("decode", *full[0])][-1][0]["tokens"]
+    for (scenario, which, name, s), pairs in runs.items():
+        last = pairs[-1][0]
+        records.append(record(name, setting(which, name, s), scenario, *identical(last["tokens"], full_tokens), last["stats"],
                               which, "base", text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
-                              tokens_per_s=tps, full_tokens_per_s=full_tps, speedup=tps / full_tps,
-                              ppl=full_ppl(model, prompts, rs[-1]["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
+                              tokens_per_s=statistics.median(r["tokens_per_s"] for r, _ in pairs),
+                              full_tokens_per_s=statistics.median(f["tokens_per_s"] for _, f in pairs),
+                              speedup=statistics.median(r["tokens_per_s"] / f["tokens_per_s"] for r, f in pairs),
+                              ppl=full_ppl(model, prompts, last["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
 
     # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
     tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
-               "generated": (generated[:len(generated) // 2], docs_at(True)[1][1])}  # ~3.7K tokens in the full run
+               "generated": (generated[:len(generated) // 2], docs_at(True)["generated"][1])}  # ~3.7K tokens in the full run
     for text, (seqs, n_gated) in tf_sets.items():
         refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
         for (which, name, s), (m, pol) in [full] + list(policies.items()):

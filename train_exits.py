@@ -1,9 +1,8 @@
-"""Train ADEPT's exit router with the preference reward R = λ·T − β·C, and evaluate it;
-or tune the model itself for early exit (joint optimisation).
+"""Train ADEPT's exit router with the preference reward R = λ·T − β·C, and evaluate it.
 
     python train_exits.py                 # default model: data, targets, training, evaluation
     python train_exits.py --eval          # evaluate the shipped router only
-    python train_exits.py --tune          # exit tuning: write a low-rank delta for the model
+    python train_exits.py --tune          # exit tuning instead (tune_exits.py): a low-rank delta for the model
     python train_exits.py --tuning D --out R.safetensors   # a router for the tuned model
 
 Targets (ADEPT.md §3). One full-depth pass gives, for token j and layer i, the state
@@ -13,173 +12,28 @@ the soft label of Exit over Continue at layer i is σ(R(i) − max_{i'>i} R(i'))
 Bradley–Terry preference of exiting now over the best later exit. The router is
 trained on it with binary cross-entropy, the base model frozen.
 
-Data, without downloads: text the model generates itself from built-in prompts, and
-English docstrings of the Python standard library ("human text"), or your own files
+Data (data.py), without downloads: text the model generates itself from built-in prompts,
+and English docstrings of the Python standard library ("human text"), or your own files
 with --data. Whole documents are held out, never seen in training.
-
-Exit tuning (paper 2's joint optimisation): low-rank deltas on every layer's projections,
-self-distilled from the frozen base model at full depth, with the ADEPT path in the loop:
-tokens exit at sampled layers, later tokens are trained through their filled K/V, and
-the exited tokens' own loss is taken through the shared head at their exit layer.
 """
 import argparse
-import hashlib
-import importlib
-import inspect
 import json
 import math
 import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
-from adept import (DEFAULT_EXITS, Confidence, FullDepth, Router, RouterPolicy, Static, Stats, check_output, check_range,
-                   forward_tokens, model_id, router_features, sample)
-from model import DTYPES, UserError, add_deltas, default_checkpoint, load
-
-CHAT_PROMPTS = [
-    "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",
-    "How does a refrigerator work?", "Write a short poem about the sea.", "What causes the seasons on Earth?",
-    "Summarise the plot of Romeo and Juliet.", "How do I make a cup of tea?", "What is a prime number? Give examples.",
-    "Why is the sky blue?", "Describe the water cycle.", "What are the benefits of regular exercise?",
-    "Write a haiku about autumn leaves.", "How do vaccines work?", "Explain what a computer program is to a child.",
-    "List five fruits and one fact about each.", "What is the difference between weather and climate?",
-    "How do airplanes stay in the air?", "Write a short story about a lost dog finding its way home.",
-    "What is gravity?", "Give advice to someone starting their first job.", "How do bees make honey?",
-    "Explain how to add two fractions.", "What were the main causes of the First World War?",
-    "Describe a healthy breakfast.", "What is machine learning?", "How can I save money each month?",
-    "Write a thank-you note to a teacher.", "Why do we need sleep?", "What is the tallest mountain in the world?",
-    "Explain the rules of chess briefly.", "How does the internet work?", "What is democracy?",
-    "Write a recipe for pancakes.", "How do plants grow from seeds?", "What is the speed of light?",
-    "Explain what DNA is.", "Describe the planet Mars.", "What should I pack for a beach holiday?",
-    "Write a Python function that reverses a string.", "What is inflation in economics?", "How do earthquakes happen?",
-]
-PLAIN_PROMPTS = [
-    "Once upon a time, in a small village by the sea,", "The history of the bicycle begins", "In this tutorial, we will learn",
-    "The city council met on Tuesday to discuss", "Scientists have discovered a new species of", "My favourite season is",
-    "The recipe calls for two cups of flour,", "def fibonacci(n):\n    \"\"\"Return", "Dear Sir or Madam,\nI am writing to",
-    "The most important lesson I learned at school was", "Chapter 1\n\nThe rain had not stopped for three days", "Water boils at",
-]
-STDLIB = ["argparse", "collections", "json", "csv", "functools", "itertools", "pathlib", "subprocess", "threading",
-          "unittest", "logging", "datetime", "decimal", "fractions", "statistics", "random", "textwrap", "difflib",
-          "heapq", "bisect", "shutil", "tempfile", "zipfile", "email.message", "http.client", "urllib.request",
-          "sqlite3", "asyncio", "typing", "dataclasses", "enum", "contextlib", "inspect", "pickle", "socket", "re",
-          "string", "calendar", "glob", "os", "io", "abc", "copy", "queue", "sched", "uuid", "zlib", "hashlib"]
-
-
-# Exit tuning's own prompts: topics and phrasings that neither the router's data nor bench.py uses.
-TOPICS = ["volcanoes", "the moon", "bread baking", "rivers", "the piano", "chess openings", "recycling", "penguins",
-          "electric cars", "the Roman empire", "coffee", "clouds", "bridges", "the human heart", "solar panels", "libraries",
-          "football", "tigers", "maps", "glass", "the printing press", "deserts", "batteries", "kites", "whales",
-          "gardening", "the telephone", "music festivals", "mushrooms", "lighthouses"]
-TUNE_PROMPTS = ([t.format(x) for t in ("Write a short paragraph about {}.", "Explain {} to a beginner.",
-                                        "Tell me three interesting facts about {}.") for x in TOPICS],
-                [f"Here is a short essay about {x}.\n\n" for x in TOPICS])  # (chat, plain)
-# Modules never imported here: they open windows or browsers, print on import, or are the IDE.
-NOT_IMPORTED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__phello__"}
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def docstrings(modules=STDLIB):
-    """Long docstrings of standard-library modules, classes and functions: English prose on every machine."""
-    out = []
-    for name in modules:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecated modules warn on import
-                mod = importlib.import_module(name)
-        except Exception:  # a module this platform lacks (e.g. a Windows one)
-            continue
-        for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
-            if (inspect.ismodule(obj) and obj is not mod) or not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 300 and (obj is mod or getattr(obj, "__module__", None) == name):
-                out.append(doc)
-    return list(dict.fromkeys(out))
-
-
-def read_text(path):
-    """A --data file as text, or one clear error."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--data file {path} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"--data {path} is a directory; give text files") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--data file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"cannot read --data file {path}: {e.strerror}") from None
-
-
-def chunks(ids, size):
-    return [ids[i:i + size] for i in range(0, len(ids) - size // 4, size)]
-
-
-@torch.no_grad()
-def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7, top_p=0.9):
-    """Full-depth sampling of many prompts at once, for training data only.
-
-    Prompts are left-padded to one length. RoPE depends only on relative position, so a
-    row shifted right by its padding computes what it would alone; padded keys are
-    masked out, and each pad position attends to itself only (a row with nothing to
-    attend to would make NaNs).
-    """
-    B, P, T = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
-    dev = model.tok_emb.device
-    pad = torch.tensor([P - len(p) for p in prompts], device=dev)
-    real = torch.arange(T, device=dev)[None] >= pad[:, None]         # [B, T]: this position holds a real token
-    cache = model.new_cache(B, T)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    x, start = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev), 0
-    out, done = [[] for _ in prompts], [False] * B
-    for _ in range(max_new_tokens):
-        pos, keys = torch.arange(start, start + x.shape[1], device=dev), torch.arange(start + x.shape[1], device=dev)
-        mask = ((pos[:, None] >= keys)[None] & real[:, None, :len(keys)]) | (pos[:, None] == keys)[None]  # [B, n, end]
-        h = model.tok_emb[x]
-        for i in range(model.config.n_layers):
-            h, _ = model.layer(i, h, pos, cache, mask[:, None])      # mask [B, 1, n, end] broadcasts over heads
-        logits = model.head(h[:, -1])
-        nxt = [sample(logits[b], temperature, None, top_p, g) for b in range(B)]
-        for b, t in enumerate(nxt):
-            done[b] = done[b] or t in eos_ids
-            if not done[b]:
-                out[b].append(t)
-        if all(done):
-            break
-        x, start = torch.tensor(nxt, device=dev)[:, None], start + x.shape[1]
-    return out
-
-
-def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=(CHAT_PROMPTS, PLAIN_PROMPTS)):
-    """(ids, prompt length) of text the model writes itself from (chat, plain) prompts, cached in `runs/`
-    under a key of everything that determines it (minutes of sampling on a CPU)."""
-    prompts = [tok.encode(tok.chat(p) if tok.has_chat else p) for p in prompts[0]] + [tok.encode(p) for p in prompts[1]]
-    key = hashlib.sha1(json.dumps([model_id(model), seed, max_new_tokens, prompts]).encode()).hexdigest()[:12]
-    path = runs / f"generated-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    gen = []
-    for b in range(0, len(prompts), 16):
-        batch = prompts[b:b + 16]
-        for ids, toks in zip(batch, sample_batch(model, batch, max_new_tokens, tok.eos_ids, seed + b)):
-            if len(toks) >= 8:
-                gen.append([ids + toks, len(ids)])  # as JSON gives it back
-        print(f"\rgenerating text: {min(b + 16, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    runs.mkdir(exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(gen))
-    os.replace(path.with_suffix(".tmp"), path)
-    return gen
+from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, router_features
+from checkpoint import DTYPES, UserError, load, model_id
+from convert import default_checkpoint
+from data import chunks, docstrings, generated_text, read_text, save_atomic
+from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
+from tune_exits import load_tuning, tune_main
 
 
 def build_data(model, tok, args):
@@ -221,16 +75,6 @@ def targets(model, seqs):
     return torch.cat(feats, 1).float().cpu(), torch.cat(agree, 1).float().cpu()  # the router trains on the CPU
 
 
-# ----------------------------------------------------------------------------- training
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted run never leaves a half-written file."""
-    tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True):
     """BCE on the soft labels, all layers' routers at once. Resumes from `ckpt` if it exists; returns epoch losses."""
     opt = torch.optim.Adam(router.parameters(), lr=lr)
@@ -265,202 +109,6 @@ def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, 
     return losses
 
 
-# ----------------------------------------------------------------------------- exit tuning (joint optimisation, paper 2)
-#
-# The router above learns where a frozen model may exit. Exit tuning changes the model instead:
-# low-rank deltas (model.LowRank) trained by self-distillation from the frozen base, through the
-# ADEPT path itself (model.forward with a sampled exit pattern: exited tokens keep h_e, later
-# tokens read their filled K/V), so that exit states predict what the base's final layer does.
-
-
-def tuning_data(model, tok, args):
-    """Windows [N, tune_len] of token ids to tune on, and held-out windows. Text the model generates from
-    TUNE_PROMPTS (gen_seeds samples of each) and docstrings of every importable standard-library module
-    outside STDLIB (the router's human text, whose held-out part its evaluation scores), or --data.
-    Split by whole document, then each side joined into one stream and cut into windows."""
-    docs = [ids for k in range(args.gen_seeds)
-            for ids, _ in generated_text(model, tok, args.seed + 1 + k, args.gen_tokens, prompts=TUNE_PROMPTS)]
-    modules = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in {*STDLIB, *NOT_IMPORTED})
-    docs += [tok.encode(d) for d in (args.data_texts or docstrings(modules))]
-    random.Random(args.seed).shuffle(docs)
-    n_val, sep = max(1, len(docs) // 20), min(tok.eos_ids or {0})
-    stream = lambda ds: [t for d in ds for t in d + [sep]]
-    windows = lambda ids: torch.tensor(chunks(ids, args.tune_len)[:len(ids) // args.tune_len]).view(-1, args.tune_len)
-    return windows(stream(docs[n_val:])), windows(stream(docs[:n_val]))
-
-
-def sample_exits(shape, layers, rate, n_layers, g):
-    """The exit layer of each token: with probability `rate` a layer drawn uniformly from `layers` (lo, hi), else the last."""
-    e = torch.randint(layers[0], layers[1] + 1, shape, generator=g)
-    return torch.where(torch.rand(shape, generator=g) < rate, e, n_layers)
-
-
-def switch(deltas, on):
-    for d in deltas.values():
-        d.on = on
-
-
-def tuning_loss(model, deltas, ids, exit_layer, final_weight, fill=True):
-    """Per token KL(base at full depth ‖ tuned model), the tuned model's logits taken through the ADEPT path:
-    at its exit layer for a token that exits (weight 1), at the last layer for the others (weight final_weight).
-    fill=False is the ablation without the ADEPT path: exits judged on full-depth states, no filled K/V."""
-    with torch.no_grad():
-        switch(deltas, False)
-        teacher = model(ids).float().log_softmax(-1)  # [B, T, vocab]
-        switch(deltas, True)
-    with parametrize.cached():  # W + A·B once per step, not at every read of W
-        if fill:
-            logits = model(ids, exit_layer)
-        else:
-            hs = []
-            model(ids, hidden_states=hs)
-            h = torch.stack([h for h, *_ in hs])                                  # [L, B, T, D]
-            logits = model.head(h.gather(0, (exit_layer - 1)[None, ..., None].expand(1, *h.shape[1:]))[0])
-    kl = (teacher.exp() * (teacher - logits.float().log_softmax(-1))).sum(-1)  # [B, T]
-    w = torch.where(exit_layer == model.config.n_layers, final_weight, 1.0)
-    return (w * kl).sum() / w.sum(), kl
-
-
-@torch.no_grad()
-def tuning_estimate(model, deltas, val, exit_layers):
-    """Held-out agreement with the base model's full-depth argmax on the first 8 windows of `val` (1,024 tokens at
-    the default --tune-len): the tuned model at full depth, and its shared head at the first, middle and last of
-    the tuned exit layers; with the KL at full depth."""
-    L, (lo, hi) = model.config.n_layers, exit_layers
-    layers, val = sorted({lo, (lo + L) // 2, hi}), val[:8].to(model.tok_emb.device)
-    switch(deltas, False)
-    base = model(val).float().log_softmax(-1)
-    switch(deltas, True)
-    hs = []
-    with parametrize.cached():
-        tuned = model(val, hidden_states=hs).float().log_softmax(-1)
-    target = base.argmax(-1)
-    out = {"final": (tuned.argmax(-1) == target).float().mean().item(),
-           "final_kl": (base.exp() * (base - tuned)).sum(-1).mean().item()}
-    return out | {f"layer {i}": (model.head(hs[i - 1][0]).argmax(-1) == target).float().mean().item() for i in layers}
-
-
-# What a resumed run must share with the checkpoint it resumes (the data too: --data, --gen-seeds, --tune-len)
-RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill",
-          "data", "gen_seeds", "tune_len")
-
-
-def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
-    """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path.
-    Resumes from `ckpt` if it exists (a run with the same settings), and equals an uninterrupted run.
-    Returns (deltas, log)."""
-    from tqdm import tqdm
-    torch.manual_seed(args.seed)
-    deltas = add_deltas(model, args.rank, args.alpha)
-    params = [p for d in deltas.values() for p in (d.A, d.B)]
-    opt = torch.optim.Adam(params, lr=args.tune_lr)
-    step, log = 0, []
-    recipe = {k: getattr(args, k, None) for k in RECIPE}
-    if ckpt and Path(ckpt).is_file():
-        state = torch.load(ckpt, weights_only=True)
-        if state.get("recipe") != recipe:
-            other = {k: v for k, v in (state.get("recipe") or {}).items() if recipe.get(k) != v}
-            raise UserError(f"{ckpt} is the checkpoint of a run with other settings ({other}); rerun with those to "
-                            "resume it, or delete it to start afresh")
-        for name, d in deltas.items():
-            d.load_state_dict(state["deltas"][name])
-        opt.load_state_dict(state["opt"])
-        step, log = state["step"], state["log"]
-    L, dev = model.config.n_layers, model.tok_emb.device
-    if not log:
-        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val, args.exit_layers)})
-    bar = tqdm(total=args.tune_steps, initial=step, desc="exit tuning", disable=not progress)
-    while step < args.tune_steps:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # drawn per step: a resumed run draws the same
-        ids = train[torch.randint(len(train), (args.tune_batch,), generator=g)]
-        exit_layer = sample_exits(ids.shape, args.exit_layers, args.exit_rate, L, g).to(dev)
-        ids = ids.to(dev)
-        for group in opt.param_groups:  # linear warm-up, then cosine decay to a tenth
-            warm = min(1.0, (step + 1) / 20)
-            group["lr"] = args.tune_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.tune_steps))
-        loss, kl = tuning_loss(model, deltas, ids, exit_layer, args.final_weight, fill=not args.no_fill)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        full = exit_layer == L
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", final_kl=f"{kl[full].mean().item():.3f}",
-                        exit_kl=f"{kl[~full].mean().item():.3f}")
-        if step % args.eval_every == 0 or step == args.tune_steps:
-            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val, args.exit_layers)})
-            bar.write("  held-out agreement with base: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in log[-1].items() if k not in ("step", "tokens")) + f" ({log[-1]['tokens']} tokens)")
-        if ckpt and (step % args.eval_every == 0 or step == args.tune_steps or step == stop_after):
-            save_atomic({"deltas": {n: d.state_dict() for n, d in deltas.items()}, "opt": opt.state_dict(),
-                         "step": step, "log": log, "recipe": recipe}, ckpt)
-        if stop_after is not None and step >= stop_after:
-            break
-    bar.close()
-    return deltas, log
-
-
-def save_tuning(deltas, path, meta):
-    """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
-    from safetensors.torch import save_file
-    tensors = {f"{n}.{k}": getattr(d, k).detach().to("cpu", torch.bfloat16).contiguous() for n, d in deltas.items() for k in "AB"}
-    save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
-    os.replace(f"{path}.tmp", path)
-
-
-# ----------------------------------------------------------------------------- evaluation
-#
-# Every figure is a record of one schema, shared with bench.py and documented in the README:
-# policy, setting, scenario, model, reference, n, mean_exit_layer, compute_saved, agreement with
-# its 95% interval, and what else the scenario measured (kl, ppl, full_ppl, tokens_per_s, ...).
-
-
-def wilson(k, n, z=1.96):
-    """95% Wilson score interval of the rate k/n (stays inside [0, 1] and is honest near 0 and 1)."""
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    mid = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return min(p, max(0.0, mid - half)), max(p, min(1.0, mid + half))  # p itself stays inside despite rounding
-
-
-def record(policy, setting, scenario, n, n_agree, stats, model="base", reference="base", **measured):
-    """One measured figure: `n_agree` of `n` scored tokens (or documents) agree with the reference's argmax."""
-    lo, hi = wilson(n_agree, n)
-    return {"policy": policy, "setting": setting, "scenario": scenario, "model": model, "reference": reference, "n": n,
-            "mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved, "ideal_speedup": stats.ideal_speedup,
-            "agreement": n_agree / max(n, 1), "agreement_lo": lo, "agreement_hi": hi, **measured}
-
-
-@torch.no_grad()
-def full_reference(model, seqs):
-    """Full depth's log-probabilities [n_scored, vocab] for the scored tokens of each sequence."""
-    return [model(torch.tensor([ids], device=model.tok_emb.device))[0, start:].float().log_softmax(-1) for ids, start in seqs]
-
-
-@torch.no_grad()
-def evaluate(model, seqs, policy, ref):
-    """Teacher-forced through the real ADEPT path, prompt included (as in generation).
-
-    Returns (n, n_agree, stats, measured): n scored tokens, how many have the reference's argmax,
-    the cost counters, and the mean KL(reference ‖ policy) and the policy's perplexity of the text.
-    """
-    stats, n, n_agree, kl, nll = Stats(), 0, 0, 0.0, 0.0
-    for (ids, start), r in zip(seqs, ref):
-        cache = model.new_cache(1, len(ids))
-        t = torch.tensor(ids, device=model.tok_emb.device)
-        if start:
-            forward_tokens(model, t[:start], 0, cache, policy, Stats())  # the prompt: exits here change the cache
-        logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
-        logp = logits.float().log_softmax(-1)
-        n, n_agree = n + len(r), n_agree + int((logp.argmax(-1) == r.argmax(-1)).sum())
-        kl += float((r.exp() * (r - logp)).sum())
-        nll -= float(logp[:-1].gather(1, t[start + 1:, None]).sum())
-    return n, n_agree, stats, {"kl": kl / n, "ppl": math.exp(nll / (n - len(seqs)))}
-
-
 def pick_threshold(model, router, min_layer, seqs, target, base=None):
     """The threshold with the lowest mean exit layer whose agreement (with base's full depth, if given) reaches
     `target` on validation sequences, measured through the real ADEPT path (exits change later tokens through the KV fill)."""
@@ -471,104 +119,6 @@ def pick_threshold(model, router, min_layer, seqs, target, base=None):
         if k / n >= target and stats.mean_exit_layer < best[1]:
             best = (tau, stats.mean_exit_layer)
     return best[0]
-
-
-THRESHOLDS = [0.3, 0.35, 0.4, 0.43, 0.45, 0.47, 0.49, 0.5]  # labels top out near σ(β/L) ≈ 0.51
-# The gates run the LM head at every layer (~8 layers' work each time): two settings each by default.
-GATES = {"confidence": [0.9, 0.9999], "entropy": [0.5, 0.001]}
-ALL_GATES = {"confidence": [0.5, 0.9, 0.99, 0.999, 0.9999], "entropy": [2.0, 0.5, 0.05, 0.01, 0.001]}
-
-
-def sweep(model, router, seqs, scenario, gates=GATES, base=None):
-    """Records for full depth, static depths, the gates and the router's thresholds on one held-out set.
-    With `base` (the untuned model when `model` carries a delta), agreement is with base's full depth, and
-    base's own full-depth record comes first."""
-    L = model.config.n_layers
-    settings = {"full": [None], "static": sorted({min(s, L) for s in (12, 16, 20, 24, 26, 28, 29)}), **gates}
-    if router is not None:
-        settings["router"] = sorted(set(THRESHOLDS) | {float(router.meta["threshold"])})  # always its own threshold
-    make = {"full": lambda s: FullDepth(), "static": lambda s: Static(s, L), "confidence": lambda s: Confidence(s),
-            "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
-            "router": lambda s: RouterPolicy(router, s)}  # with the router file's minimum exit layer
-    ref, rows, which = full_reference(base or model, seqs), [], "tuned" if base else "base"
-    if base:
-        n, k, stats, m = evaluate(base, seqs, FullDepth(), ref)
-        rows.append(record("full", None, scenario, n, k, stats, **m, full_ppl=m["ppl"]))
-    for name, values in settings.items():
-        for s in values:
-            n, k, stats, m = evaluate(model, seqs, make[name](s), ref)
-            rows.append(record(name, s, scenario, n, k, stats, which, "base", **m, full_ppl=rows[0]["ppl"] if rows else m["ppl"]))
-            print(f"\r  {scenario} {name} {s}: agreement {k / n:.1%}, saved {stats.saved:.1%}   ",
-                  end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return rows
-
-
-def report(records, plot_path=None):
-    """A markdown table per scenario, and agreement against compute per policy as a PNG."""
-    lines, scenarios = [], list(dict.fromkeys(r["scenario"] for r in records))
-    for sc in scenarios:
-        rows = [r for r in records if r["scenario"] == sc]
-        lines += [f"\n### {sc} (n = {rows[0]['n']} tokens)\n",
-                  f"| policy | setting | mean exit layer | compute saved | argmax agreement [95% CI] | KL | ppl (full: {rows[0]['full_ppl']:.1f}) |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['mean_exit_layer']:.1f} | "
-                  f"{r['compute_saved']:.1%} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
-                  f"{r['kl']:.3f} | {r['ppl']:.1f} |" for r in rows]
-    if plot_path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False)
-        for ax, sc in zip(axes[0], scenarios):
-            rows = [r for r in records if r["scenario"] == sc]
-            for pol in dict.fromkeys(r["policy"] for r in rows):
-                pts = sorted((1 - r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
-                ax.plot(*zip(*pts), "o-" if pol != "full" else "k*", label=pol, markersize=4)
-            ax.set(title=f"{sc} (n = {rows[0]['n']} tokens)", xlabel="compute relative to full depth (MAC counters, log scale)",
-                   ylabel="argmax agreement with full model", ylim=(0, 1.02), xscale="log")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=110)
-        plt.close(fig)
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- main
-
-
-def tune_main(model, tok, args, tuning_out, runs):
-    """--tune: data, the tuning loop (resumable), the delta file, and the learning curve."""
-    t0 = time.time()
-    base_id = model_id(model)
-    train_w, val_w = tuning_data(model, tok, args)
-    if len(train_w) == 0 or len(val_w) == 0:
-        raise UserError(f"too little text to tune on: {len(train_w)} training and {len(val_w)} held-out windows of "
-                        f"{args.tune_len} tokens; give more with --data or a shorter --tune-len")
-    print(f"tuning data: {train_w.numel()} training tokens, {val_w.numel()} held-out ({time.time() - t0:.0f}s)", file=sys.stderr)
-    ckpt = runs / f"{tuning_out.stem}.resume.pt"
-    deltas, log = tune(model, train_w, val_w, args, ckpt=ckpt)
-    meta = {"base_model": base_id, "rank": args.rank, "alpha": args.alpha, "targets": ",".join(deltas),
-            "final_weight": args.final_weight, "exit_rate": args.exit_rate, "exit_layers": "%d-%d" % tuple(args.exit_layers),
-            "fill_in_loop": not args.no_fill, "data": "--data" if args.data else f"generated x{args.gen_seeds} + stdlib docstrings",
-            "tokens_trained": args.tune_steps * args.tune_batch * args.tune_len, "lr": args.tune_lr, "seed": args.seed}
-    save_tuning(deltas, tuning_out, meta)
-    ckpt.unlink(missing_ok=True)
-    # what bfloat16 storage costs: the last held-out estimate again, with the deltas rounded as stored
-    with torch.no_grad():
-        for p in (p for d in deltas.values() for p in (d.A, d.B)):
-            p.copy_(p.to(torch.bfloat16))
-    stored = tuning_estimate(model, deltas, val_w, args.exit_layers)
-    print("stored in bfloat16: " + ", ".join(f"{k} {log[-1][k]:.4f} -> {v:.4f}" for k, v in stored.items()), file=sys.stderr)
-    print(f"wrote {tuning_out} after {time.time() - t0:.0f}s\n\nlearning curve (held-out, agreement with the base model's argmax):")
-    keys = [k for k in log[0] if k not in ("step", "tokens")]
-    print("| tokens | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
-    for r in log:
-        print(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python train_exits.py " + " ".join(sys.argv[1:])},
-                                               "learning_curve": log, "stored_bf16": stored}, indent=2))
 
 
 def main(argv=None):
@@ -660,7 +210,9 @@ def main(argv=None):
     if args.plot:
         check_output(args.plot, "--plot")
     torch.manual_seed(args.seed)
-    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype], tuning=args.tuning)
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
+    if args.tuning:
+        load_tuning(model, args.tuning)
     L = model.config.n_layers
     if args.min_layer is None:
         args.min_layer = min(12, L // 2)

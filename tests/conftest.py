@@ -131,7 +131,7 @@ def reference_forward(w, cfg, ids, n_layers=None, inv_freq=None):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A loaded tiny GQA model with a BPE tokenizer: (model, tokenizer, weights, config, dir)."""
-    from model import load
+    from checkpoint import load
     d, w, cfg = make_checkpoint(tmp_path_factory.mktemp("tiny"))
     model, tok = load(d)
     return model, tok, w, cfg, d
@@ -140,5 +140,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm():
     """The real default model (converted on first use)."""
-    from model import default_checkpoint, load
+    from checkpoint import load
+    from convert import default_checkpoint
     return load(default_checkpoint())

@@ -9,7 +9,7 @@ import torch
 
 from adept import FullDepth, Router, Static, Stats, model_id
 from bench import prefill_last, run_prefill
-from train_exits import wilson
+from evaluate import wilson
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = {"policy", "setting", "scenario", "model", "reference", "n", "mean_exit_layer", "compute_saved", "agreement",

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from adept import FullDepth, generate
-from model import default_checkpoint
+from convert import default_checkpoint
 
 
 def test_conversion_has_the_expected_tensors():
@@ -49,5 +49,5 @@ def test_greedy_decode_with_cache_equals_uncached_forward(smollm):
 def test_greedy_chat_answer_is_right(smollm):
     """A wrong q/k un-permute or tokenizer still runs but cannot answer this."""
     model, tok = smollm
-    g = generate(model, tok.encode(tok.chat("What is the capital of France?")), 20, FullDepth(), eos_ids=tok.eos_ids)
+    g = generate(model, tok.prompt("What is the capital of France?"), 20, FullDepth(), eos_ids=tok.eos_ids)
     assert "Paris" in tok.decode(g.tokens)

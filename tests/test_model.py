@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import make_checkpoint, reference_forward
-from model import Config, UserError, load
+from checkpoint import load, read_config, render_chat
+from model import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,7 +106,7 @@ def test_rope_layouts_and_head_dim_match_the_reference(tmp_path, layout, rope, h
 
 def test_rope_parameters_win_over_the_old_keys():
     base = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 10}
-    c = Config.from_hf(base | {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+    c = read_config(base | {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
                                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **ROPES["llama3"]}})
     assert c.rope_theta == 500000.0 and c.rope_scaling["rope_type"] == "llama3"
 
@@ -134,11 +135,11 @@ REFUSED = {
 def test_math_changing_keys_are_refused(case):
     extra, message = REFUSED[case]
     with pytest.raises(UserError, match=message):
-        Config.from_hf(CONFIG_BASE | extra)
+        read_config(CONFIG_BASE | extra)
 
 
 def test_keys_that_do_not_change_the_math_are_ignored():
-    Config.from_hf(CONFIG_BASE | {"use_cache": True, "initializer_range": 0.02, "transformers_version": "5.23.0",
+    read_config(CONFIG_BASE | {"use_cache": True, "initializer_range": 0.02, "transformers_version": "5.23.0",
                                   "pretraining_tp": 1, "attention_dropout": 0.0, "sliding_window": None,
                                   "layer_types": ["full_attention"] * 2, "partial_rotary_factor": 1.0, "attention_bias": False})
 
@@ -154,7 +155,7 @@ def test_bpe_tokenizer_round_trip_and_chat(tiny):
     _, tok, *_ = tiny
     text = "The quick brown fox, 12345 ünïcödé! and (brackets)"
     assert tok.decode(tok.encode(text)) == text
-    chat = tok.encode(tok.chat("hello"))
+    chat = tok.prompt("hello")
     assert chat[0] == tok.id_of("<|im_start|>") and tok.id_of("<|im_end|>") in chat  # specials are single tokens
     assert tok.eos_ids == {2} and not tok.add_bos
 
@@ -167,7 +168,7 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path):
     assert ids[0] == 1 and tok.add_bos  # BOS from the checkpoint
     assert tok.decode(ids[1:]) == text
     assert 2 in tok.eos_ids
-    assert not tok.has_chat
+    assert not tok.chat_template
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -367,3 +368,76 @@ def test_sample_cli_prompt_that_is_not_utf8(tiny):
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(tiny[4]), "--prompt", b"caf\xe9"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- chat templates (jinja2, sandboxed)
+# Each checkpoint's own template, as its tokenizer_config.json ships it; the expected strings are written from each
+# format's documentation (ChatML; Meta's LLaMA-3 and LLaMA-2-chat prompt formats; Zephyr's model card).
+
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+           "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+           "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+           "{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+          "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]"
+          "['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message "
+          "in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation "
+          "roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != "
+          "false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+          "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+          "content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + "
+          "eos_token }}{% endif %}{% endfor %}")
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+          "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] "
+          "== 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and "
+          "add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+USER = [{"role": "user", "content": "Hi"}]
+SYSTEM_USER = [{"role": "system", "content": "Be brief."}] + USER
+
+
+@pytest.mark.parametrize("template,messages,bos,eos,expected", [
+    (SMOLLM2, USER, "<|im_start|>", "<|im_end|>", "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+     "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    (SMOLLM2, SYSTEM_USER, "<|im_start|>", "<|im_end|>",
+     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    (LLAMA3, SYSTEM_USER, "<|begin_of_text|>", "<|eot_id|>", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+     "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    (LLAMA2, USER, "<s>", "</s>", "<s>[INST] Hi [/INST]"),
+    (LLAMA2, SYSTEM_USER, "<s>", "</s>", "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"),
+    (ZEPHYR, SYSTEM_USER, "<s>", "</s>", "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"),
+], ids=["smollm2-default-system", "smollm2-own-system", "llama3", "llama2-chat", "llama2-chat-system", "zephyr"])
+def test_chat_templates_render_as_their_formats_are_documented(template, messages, bos, eos, expected):
+    assert render_chat(template, messages, bos, eos) == expected
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),                                     # does not parse
+    (LLAMA2.replace("== 'user') !=", "== 'user') =="), "Conversation roles must alternate"),                   # raises
+    ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),                               # Python internals
+    ("{{ ''.__class__.__base__.__subclasses__() }}", "SecurityError"),
+    ("{{ messages.append(1) }}", "SecurityError"),                                                          # immutable sandbox
+])
+def test_a_bad_or_hostile_chat_template_is_one_clear_error(template, message):
+    with pytest.raises(UserError, match=f"the chat template failed .*{message}.*use --no-chat"):
+        render_chat(template, USER)
+
+
+def test_a_chat_template_that_is_not_a_string_is_refused(tmp_path):
+    d, _, _ = make_checkpoint(tmp_path)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": 42}))
+    with pytest.raises(UserError, match="chat_template must be a string"):
+        load(d)
+
+
+def test_a_template_writes_its_own_bos(tmp_path):
+    """LLaMA-2's template starts with bos_token: the prompt must not get a second BOS from the tokenizer."""
+    d, _, _ = make_checkpoint(tmp_path, tokenizer="sp")
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2}))
+    _, tok = load(d)
+    ids = tok.prompt("Hi")
+    assert ids[0] == tok.bos_id and ids[1] != tok.bos_id and tok.add_bos
+    assert tok.prompt("Hi", chat=False) == tok.encode("Hi")

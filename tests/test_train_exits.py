@@ -6,7 +6,8 @@ import torch
 
 from adept import Router, RouterPolicy, generate, model_id
 from model import UserError
-from train_exits import preference_labels, save_atomic, targets, train
+from data import save_atomic
+from train_exits import preference_labels, targets, train
 
 
 def test_soft_labels_by_hand():
@@ -96,7 +97,7 @@ def test_router_for_another_model_is_refused(tiny, tmp_path):
 def test_batched_sampling_equals_one_prompt_at_a_time(tiny):
     """Left padding must not change what a prompt generates (greedy, so the tokens are comparable)."""
     from adept import FullDepth
-    from train_exits import sample_batch
+    from data import sample_batch
     model, *_ = tiny
     prompts = [[5, 9, 14], [7, 3, 22, 40, 41, 2, 11], [30]]
     batched = sample_batch(model, prompts, 6, eos_ids=set(), seed=0, temperature=0)
@@ -174,7 +175,8 @@ def test_too_little_text_for_a_held_out_set_is_one_error(tiny, tmp_path):
 def test_cached_generated_text_is_keyed_by_what_determines_it(tiny, tmp_path):
     """Changing the seed or the length generates anew; --data and the chunk counts never reuse stale text."""
     import argparse
-    from train_exits import build_data, generated_text
+    from data import generated_text
+    from train_exits import build_data
     model, tok, *_ = tiny
     a = generated_text(model, tok, 0, 8, runs=tmp_path)
     assert generated_text(model, tok, 0, 8, runs=tmp_path) == a and len(list(tmp_path.glob("generated-*"))) == 1

@@ -1,12 +1,13 @@
-"""Exit tuning: low-rank deltas trained through the ADEPT path (train_exits.py --tune)."""
+"""Exit tuning: low-rank deltas trained through the ADEPT path (tune_exits.py, run as train_exits.py --tune)."""
 import argparse
 
 import pytest
 import torch
 
 from adept import Router, model_id
-from model import UserError, add_deltas, load, merge_deltas
-from train_exits import save_tuning, tune, tuning_loss
+from checkpoint import load
+from model import UserError
+from tune_exits import add_deltas, load_tuning, merge_deltas, save_tuning, tune, tuning_loss
 
 
 def tiny_model(tiny):
@@ -115,7 +116,7 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
     ids = windows(model, 1)
     with torch.no_grad():
         on_the_fly = model(ids)
-    tuned, _ = load(tiny[4], tuning=tmp_path / "d.safetensors")
+    tuned = load_tuning(load(tiny[4])[0], tmp_path / "d.safetensors")
     with torch.no_grad():  # stored in bfloat16: the merged model is the trained one to bf16 precision
         torch.testing.assert_close(tuned(ids), on_the_fly, atol=2e-2, rtol=2e-2)
     assert model_id(tuned) != base_id and tuned.tuning["rank"] == "4"
@@ -129,9 +130,9 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
     save_tuning(deltas, tmp_path / "other.safetensors", {"base_model": "other:0123456789ab", "rank": 4, "alpha": 8.0,
                                                          "targets": ",".join(deltas)})
     with pytest.raises(UserError, match="was made for other:0123456789ab, not for this model"):
-        load(tiny[4], tuning=tmp_path / "other.safetensors")
+        load_tuning(load(tiny[4])[0], tmp_path / "other.safetensors")
     with pytest.raises(UserError, match="tuning file .* not found"):
-        load(tiny[4], tuning=tmp_path / "missing.safetensors")
+        load_tuning(load(tiny[4])[0], tmp_path / "missing.safetensors")
 
 
 def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path):

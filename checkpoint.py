@@ -1,0 +1,370 @@
+"""Reading a Hugging Face LLaMA checkpoint directory into model.py's Transformer.
+
+config.json (anything that would change the forward pass and is not implemented is
+refused, never ignored), the weights from model.safetensors or its shards (no other
+weight format: a checkpoint is an untrusted file), the tokenizer (tokenizer.json or
+tokenizer.model) and the checkpoint's own chat template, rendered by jinja2 in its
+sandbox as `transformers` renders it.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from model import Config, Transformer, UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def load(ckpt_dir, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a Hugging Face-layout LLaMA checkpoint directory."""
+    if not isinstance(ckpt_dir, (str, os.PathLike)):
+        raise UserError(f"the checkpoint must be a directory path, not {type(ckpt_dir).__name__}")
+    if dtype not in DTYPES.values():
+        raise UserError(f"dtype {dtype!r} is not supported; use one of torch.{', torch.'.join(DTYPES)}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint directory {ckpt} {'is a file, not a directory' if ckpt.exists() else 'does not exist'}")
+    if not any(ckpt.iterdir()):
+        raise UserError(f"checkpoint directory {ckpt} is empty")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    with torch.device("meta"):  # no memory for weights that are about to be overwritten
+        model = Transformer(read_config(read_json(ckpt / "config.json")))
+    model = model.to_empty(device=device).to(dtype)
+    model.init_rope()
+    load_weights(model, ckpt, device, dtype)
+    model.name, model.tuning = ckpt.name, None
+    tokenizer = Tokenizer(ckpt)
+    outside = sorted(i for i in tokenizer.eos_ids | {tokenizer.bos_id or 0} if not 0 <= i < model.config.vocab_size)
+    if outside:
+        raise UserError(f"special token id(s) {outside} lie outside the model's {model.config.vocab_size}-token vocabulary: "
+                        "the tokenizer and config.json do not match")
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def read_config(d: dict) -> Config:
+    """The model Config from a Hugging Face LLaMA `config.json` dict.
+
+    A key that would change the forward pass and is not implemented here is refused,
+    never ignored; keys that do not change it (use_cache, initializer_range, ...) are.
+    """
+    arch = get(d, "architectures", list, ["Llama"])
+    if get(d, "model_type", str, "llama") != "llama" or not all(isinstance(a, str) and "Llama" in a for a in arch):
+        raise UserError(f"unsupported architecture {arch if 'architectures' in d else d.get('model_type')}: "
+                        "only LLaMA-family checkpoints (model_type 'llama') are supported")
+    for key, what in UNSUPPORTED.items():
+        if not plain_llama(key, d.get(key)):
+            raise UserError(f"config.json sets {key} = {json.dumps(d[key])[:60]}: {what} is not implemented here")
+    if get(d, "hidden_act", str, "silu") != "silu":
+        raise UserError(f"unsupported hidden_act {d['hidden_act']!r}: LLaMA uses silu")
+    theta, scaling = read_rope(d)
+    c = Config(dim=get(d, "hidden_size", int), n_layers=get(d, "num_hidden_layers", int), n_heads=get(d, "num_attention_heads", int),
+               n_kv_heads=get(d, "num_key_value_heads", int, d.get("num_attention_heads")),
+               ffn_dim=get(d, "intermediate_size", int), vocab_size=get(d, "vocab_size", int),
+               max_seq_len=get(d, "max_position_embeddings", int, 2048), norm_eps=get(d, "rms_norm_eps", float, 1e-5),
+               rope_theta=theta, rope_scaling=scaling, tie_embeddings=get(d, "tie_word_embeddings", bool, False),
+               head_dim=get(d, "head_dim", int, None))
+    if min(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size, c.max_seq_len, c.head_dim) <= 0:
+        raise UserError("config.json sizes must be positive")
+    if (d.get("head_dim") is None and c.dim % c.n_heads) or c.n_heads % c.n_kv_heads or c.head_dim % 2:
+        raise UserError(f"config.json is inconsistent: hidden_size {c.dim}, {c.n_heads} heads, {c.n_kv_heads} KV heads, "
+                        f"head_dim {c.head_dim}")
+    if not c.norm_eps >= 0 or math.isinf(c.norm_eps):
+        raise UserError(f"config.json rms_norm_eps {c.norm_eps} must be a finite number >= 0")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = d.get(key) if isinstance(d.get(key), list) else [d.get(key)]
+        if any(i is not None and (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < c.vocab_size) for i in ids):
+            raise UserError(f"config.json {key} {d[key]} is not a token id of the {c.vocab_size}-token vocabulary")
+    return c
+
+
+# Math-changing config keys this implementation does not have: refused unless plain_llama says they are harmless.
+UNSUPPORTED = {"attention_bias": "a bias in the attention projections", "mlp_bias": "a bias in the MLP projections",
+               "sliding_window": "sliding-window attention", "use_sliding_window": "sliding-window attention",
+               "layer_types": "attention other than full causal attention in some layers",
+               "attn_logit_softcapping": "attention logit soft-capping", "final_logit_softcapping": "final logit soft-capping",
+               "partial_rotary_factor": "RoPE on part of each head", "no_rope_layers": "layers without RoPE",
+               "use_qk_norm": "normalising q and k", "qk_layernorm": "normalising q and k",
+               "embedding_multiplier": "scaled embeddings", "logits_scaling": "scaled logits",
+               "residual_multiplier": "a scaled residual stream", "attention_multiplier": "a custom attention scale"}
+MISSING = object()
+JSON_TYPES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "an object"}
+
+
+def get(d, key, kind, default=MISSING):
+    """d[key] if it has the JSON type the field needs (null counts as absent), else one clear error."""
+    v = d.get(key)
+    if v is None:
+        if default is MISSING:
+            raise UserError(f"config.json is missing the field {key!r}")
+        return default
+    if isinstance(v, bool) != (kind is bool) or not isinstance(v, (int, float) if kind is float else kind):
+        raise UserError(f"config.json field {key!r} is {json.dumps(v)[:40]}; it must be {JSON_TYPES[kind]}")
+    return float(v) if kind is float else v
+
+
+def plain_llama(key, v):
+    """Whether an UNSUPPORTED key's value leaves the forward pass plain LLaMA: absent, null or false, or the
+    one value that means the plain model (RoPE on the whole head; full attention in every layer)."""
+    return v in (None, False) or (key == "partial_rotary_factor" and v == 1) or \
+        (key == "layer_types" and isinstance(v, list) and all(t == "full_attention" for t in v))
+
+
+ROPE_PARAMS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def read_rope(d):
+    """(rope_theta, rope_scaling) from `rope_parameters` (transformers >= 5: one object holding rope_type,
+    rope_theta and the scaling parameters) or the older top-level `rope_theta` + `rope_scaling`. When both
+    are present the new layout wins."""
+    p = get(d, "rope_parameters", dict, None)
+    if p is not None and p and all(isinstance(v, dict) for v in p.values()):
+        raise UserError(f"config.json gives RoPE parameters per layer type ({', '.join(p)}), which is not implemented here")
+    where = "rope_parameters" if p is not None else "rope_scaling"
+    s = p if p is not None else get(d, "rope_scaling", dict, {})
+    theta = get(p if p is not None and "rope_theta" in p else d, "rope_theta", float, 10000.0)
+    kind = s.get("rope_type") or s.get("type") or "default"
+    if kind not in ROPE_PARAMS:
+        raise UserError(f"{where} type {kind!r} is not implemented (supported: {', '.join(ROPE_PARAMS)})")
+    if not 0 < theta < math.inf:
+        raise UserError(f"config.json rope_theta {theta} must be a positive number")
+    params = {}
+    for key in ROPE_PARAMS[kind]:
+        if not isinstance(s.get(key), (int, float)) or isinstance(s.get(key), bool) or not 0 < s[key] < math.inf:
+            raise UserError(f"{where} of type {kind!r} needs a positive number {key!r}, got {s.get(key)!r}")
+        params[key] = float(s[key])
+    if kind == "llama3" and not params["low_freq_factor"] < params["high_freq_factor"]:
+        raise UserError(f"{where}: llama3 needs low_freq_factor < high_freq_factor")
+    return theta, ({"rope_type": kind} | params if kind != "default" else None)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} not found: a checkpoint directory needs a Hugging Face config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is malformed JSON ({e}); fix or re-download it") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return d
+
+
+def load_weights(model: Transformer, ckpt_dir, device, dtype):
+    """Copy Hugging Face-named tensors from model.safetensors (or the shards its index names) into the stacked weights.
+
+    No other file is read, and every tensor must be one the config accounts for: a stray
+    file or tensor is refused rather than loaded over (or beside) the real weights.
+    """
+    from safetensors import safe_open
+    ckpt = Path(ckpt_dir)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index} must map tensor names to shard file names in \"weight_map\"")
+        files = sorted({ckpt / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"shard(s) {', '.join(missing)} listed in {index.name} are missing from {ckpt}")
+    elif (ckpt / "model.safetensors").is_file():
+        files = [ckpt / "model.safetensors"]
+    else:
+        raise UserError(f"no weights in {ckpt}: expected model.safetensors or model.safetensors.index.json with its shards")
+    c, D, Q, kv = model.config, model.config.dim, model.config.q_dim, model.config.kv_dim
+    # HF name -> (our tensor, the HF shape [out, in], transposed to [in, out]?)
+    targets = {"model.embed_tokens.weight": (model.tok_emb, (c.vocab_size, D), False),
+               "model.norm.weight": (model.norm, (D,), False),
+               "lm_head.weight": (model.lm_head, (c.vocab_size, D), True)}  # tied: must equal the embedding
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        targets |= {p + "input_layernorm.weight": (model.attn_norm[i], (D,), False),
+                    p + "post_attention_layernorm.weight": (model.ffn_norm[i], (D,), False),
+                    p + "self_attn.q_proj.weight": (model.wqkv[i, :, :Q], (Q, D), True),
+                    p + "self_attn.k_proj.weight": (model.wqkv[i, :, Q:Q + kv], (kv, D), True),
+                    p + "self_attn.v_proj.weight": (model.wqkv[i, :, Q + kv:], (kv, D), True),
+                    p + "self_attn.o_proj.weight": (model.wo[i], (D, Q), True),
+                    p + "mlp.gate_proj.weight": (model.w13[i, :, :c.ffn_dim], (c.ffn_dim, D), True),
+                    p + "mlp.up_proj.weight": (model.w13[i, :, c.ffn_dim:], (c.ffn_dim, D), True),
+                    p + "mlp.down_proj.weight": (model.w2[i], (D, c.ffn_dim), True)}
+    seen, samples = {}, {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # a buffer some exporters keep; we compute RoPE from the config
+                    if name not in targets:
+                        raise UserError(f"{f.name} holds {name}, which a {c.n_layers}-layer LLaMA with this config.json "
+                                        "does not have: the weights and config do not match")
+                    if name in seen:
+                        raise UserError(f"tensor {name} is in both {seen[name]} and {f.name}; keep one")
+                    dst, shape, transpose = targets[name]
+                    t = st.get_tensor(name)
+                    if tuple(t.shape) != shape:
+                        raise UserError(f"tensor {name} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
+                                        "from config.json: the weights and config do not match")
+                    if not t.is_floating_point():
+                        raise UserError(f"tensor {name} in {f.name} is {t.dtype}, not floating point: "
+                                        "quantized or corrupt weights are not supported")
+                    flat = t.flatten()
+                    samples[name] = flat[::max(1, len(flat) // 4096)].contiguous().view(torch.uint8).numpy().tobytes()
+                    with torch.no_grad():
+                        dst.copy_((t.T if transpose else t).to(device, dtype))
+                    seen[name] = f.name
+        except UserError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read {f}: {e}") from None
+    missing = [n for n in targets if n not in seen and not (n == "lm_head.weight" and c.tie_embeddings)]
+    if missing:
+        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    # What router files name their model by: ~4K values of every tensor as stored, so it does not depend on
+    # --dtype or --device, and any fine-tune or other checkpoint (which changes all values) gets its own.
+    digest = hashlib.sha1()
+    for name in sorted(samples):
+        digest.update(name.encode() + samples[name])
+    model.fingerprint = digest.hexdigest()
+    if c.tie_embeddings:  # a tied checkpoint may still store the head: then it must be the embedding
+        if "lm_head.weight" in seen and not torch.equal(model.lm_head, model.tok_emb.T):
+            raise UserError("config.json says tie_word_embeddings, but lm_head.weight differs from the embedding: "
+                            "set tie_word_embeddings to false to use it")
+        with torch.no_grad():
+            model.lm_head.copy_(model.tok_emb.T)
+
+
+def model_id(model):
+    """Names a model in router and delta files: its checkpoint name and the fingerprint of its weights."""
+    return f"{getattr(model, 'name', 'model')}:{model.fingerprint[:12]}"
+
+
+def read_artifact(path, what, fix):
+    """(metadata, tensors) of a safetensors file this project wrote (a router or a delta), or one clear error."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} not found; {fix}") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable {what} file ({e})") from None
+
+
+# ----------------------------------------------------------------------------- tokenizer and chat template
+
+class Tokenizer:
+    """`tokenizer.model` (sentencepiece) or `tokenizer.json` (tokenizers), with BOS/EOS and the chat template."""
+
+    def __init__(self, ckpt_dir):
+        ckpt = Path(ckpt_dir)
+        cfg = read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+        model_cfg = read_json(ckpt / "config.json")
+        gen = read_json(ckpt / "generation_config.json") if (ckpt / "generation_config.json").is_file() else {}
+        try:
+            if (ckpt / "tokenizer.json").is_file():
+                from tokenizers import Tokenizer as HFTokenizer
+                self.tok, self.kind = HFTokenizer.from_file(str(ckpt / "tokenizer.json")), "tokenizers"
+                self._encode = lambda s: self.tok.encode(s, add_special_tokens=False).ids
+                self.decode = lambda ids: self.tok.decode(list(ids), skip_special_tokens=False)
+                self.id_of = self.tok.token_to_id
+                add_bos_default = False
+            elif (ckpt / "tokenizer.model").is_file():
+                import sentencepiece as spm
+                self.tok, self.kind = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model")), "sentencepiece"
+                self._encode = self.sp_encode
+                self.decode = lambda ids: self.tok.decode(list(ids))
+                self.id_of = lambda s: self.tok.piece_to_id(s) if self.tok.id_to_piece(self.tok.piece_to_id(s)) == s else None
+                add_bos_default = True
+            else:
+                raise UserError(f"no tokenizer in {ckpt}: expected tokenizer.json or tokenizer.model")
+        except (UserError, ImportError):
+            raise
+        except Exception as e:  # tokenizers and sentencepiece raise their own types for unreadable files
+            raise UserError(f"cannot read the tokenizer in {ckpt} ({str(e).splitlines()[0][:100]}); "
+                            "replace it with the checkpoint's own tokenizer file") from None
+
+        def token(key):  # tokenizer_config.json writes a token as a string or as {"content": ...}
+            t = cfg.get(key)
+            t = t.get("content") if isinstance(t, dict) else t
+            if t is not None and not isinstance(t, str):
+                raise UserError(f"tokenizer_config.json {key} is {json.dumps(t)[:40]}; it must be a token string")
+            return t
+        self.bos, self.eos = token("bos_token"), token("eos_token")
+        self.bos_id = self.id_of(self.bos) if self.bos else model_cfg.get("bos_token_id")
+        self.add_bos = get(cfg, "add_bos_token", bool, add_bos_default) and self.bos_id is not None
+        eos = [self.id_of(self.eos)] if self.eos else []
+        for src in (gen, model_cfg):
+            e = src.get("eos_token_id")
+            eos += e if isinstance(e, list) else [e]
+        if not all(e is None or (isinstance(e, int) and not isinstance(e, bool)) for e in eos):
+            raise UserError("eos_token_id in generation_config.json or config.json must be a token id or a list of them")
+        self.eos_ids = {e for e in eos if e is not None}
+        t = cfg.get("chat_template") or ""
+        if isinstance(t, list):  # some checkpoints list several named templates
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), "")
+        if not isinstance(t, str):
+            raise UserError("tokenizer_config.json chat_template must be a string or a list of named templates")
+        self.chat_template = t
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size() if self.kind == "tokenizers" else self.tok.get_piece_size()
+
+    def sp_encode(self, text):
+        """sentencepiece reads "<s>" in text as three characters; a rendered chat template writes BOS/EOS
+        as text, so they are split off and mapped to their ids (what tokenizer.json does by itself)."""
+        specials = {t: self.id_of(t) for t in (self.bos, self.eos) if t and self.id_of(t) is not None}
+        if not specials:
+            return self.tok.encode(text)
+        parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+        return [i for p in parts if p for i in ([specials[p]] if p in specials else self.tok.encode(p))]
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        ids = self._encode(text)
+        return [self.bos_id] + ids if (self.add_bos if bos is None else bos) else ids
+
+    def prompt(self, text: str, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt: `text` as the user's turn in the chat template (default: when the
+        checkpoint has one), else the plain text. A template writes its own BOS, as in `transformers`."""
+        if chat is None:
+            chat = bool(self.chat_template)
+        if chat and not self.chat_template:
+            raise UserError("this checkpoint has no chat template (tokenizer_config.json chat_template); use --no-chat")
+        return self.encode(render_chat(self.chat_template, [{"role": "user", "content": text}], self.bos, self.eos), bos=False) \
+            if chat else self.encode(text)
+
+
+def render_chat(template, messages, bos_token=None, eos_token=None):
+    """A checkpoint's Jinja chat template rendered as `transformers` renders it: in jinja2's immutable
+    sandbox (a template is untrusted: it cannot reach Python internals), with `messages`,
+    `add_generation_prompt`, `bos_token`, `eos_token` and the helpers templates call."""
+    import jinja2
+    from datetime import datetime
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda fmt: datetime.now().strftime(fmt)}
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=bos_token or "", eos_token=eos_token or "")
+    except Exception as e:  # a syntax error, the sandbox's refusal, raise_exception, or any error inside the template
+        raise UserError(f"the chat template failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "fix chat_template in tokenizer_config.json or use --no-chat") from None

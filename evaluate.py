@@ -1,0 +1,136 @@
+"""The measuring stick: teacher-forced evaluation through the real ADEPT path, one record
+schema for every figure (README: docs/RESULTS.md), 95% Wilson intervals, tables and plots.
+Used by train_exits.py (--eval, and after training) and bench.py.
+
+A record: policy, setting, scenario, model, reference, n, mean_exit_layer, compute_saved,
+ideal_speedup, agreement with its 95% interval, and what else the scenario measured
+(kl, ppl, full_ppl, tokens_per_s, speedup, ...).
+"""
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from adept import Confidence, FullDepth, RouterPolicy, Static, Stats, forward_tokens
+from model import UserError
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of the rate k/n (stays inside [0, 1] and is honest near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    mid = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return min(p, max(0.0, mid - half)), max(p, min(1.0, mid + half))  # p itself stays inside despite rounding
+
+
+def record(policy, setting, scenario, n, n_agree, stats, model="base", reference="base", **measured):
+    """One measured figure: `n_agree` of `n` scored tokens (or documents) agree with the reference's argmax."""
+    lo, hi = wilson(n_agree, n)
+    return {"policy": policy, "setting": setting, "scenario": scenario, "model": model, "reference": reference, "n": n,
+            "mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved, "ideal_speedup": stats.ideal_speedup,
+            "agreement": n_agree / max(n, 1), "agreement_lo": lo, "agreement_hi": hi, **measured}
+
+
+@torch.no_grad()
+def full_reference(model, seqs):
+    """Full depth's log-probabilities [n_scored, vocab] for the scored tokens of each sequence."""
+    return [model(torch.tensor([ids], device=model.tok_emb.device))[0, start:].float().log_softmax(-1) for ids, start in seqs]
+
+
+@torch.no_grad()
+def evaluate(model, seqs, policy, ref):
+    """Teacher-forced through the real ADEPT path, prompt included (as in generation).
+
+    Returns (n, n_agree, stats, measured): n scored tokens, how many have the reference's argmax,
+    the cost counters, and the mean KL(reference ‖ policy) and the policy's perplexity of the text.
+    """
+    stats, n, n_agree, kl, nll = Stats(), 0, 0, 0.0, 0.0
+    for (ids, start), r in zip(seqs, ref):
+        cache = model.new_cache(1, len(ids))
+        t = torch.tensor(ids, device=model.tok_emb.device)
+        if start:
+            forward_tokens(model, t[:start], 0, cache, policy, Stats())  # the prompt: exits here change the cache
+        logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
+        logp = logits.float().log_softmax(-1)
+        n, n_agree = n + len(r), n_agree + int((logp.argmax(-1) == r.argmax(-1)).sum())
+        kl += float((r.exp() * (r - logp)).sum())
+        nll -= float(logp[:-1].gather(1, t[start + 1:, None]).sum())
+    return n, n_agree, stats, {"kl": kl / n, "ppl": math.exp(nll / (n - len(seqs)))}
+
+
+THRESHOLDS = [0.3, 0.35, 0.4, 0.43, 0.45, 0.47, 0.49, 0.5]  # labels top out near σ(β/L) ≈ 0.51
+# The gates run the LM head at every layer (~8 layers' work each time): two settings each by default.
+GATES = {"confidence": [0.9, 0.9999], "entropy": [0.5, 0.001]}
+ALL_GATES = {"confidence": [0.5, 0.9, 0.99, 0.999, 0.9999], "entropy": [2.0, 0.5, 0.05, 0.01, 0.001]}
+
+
+def sweep(model, router, seqs, scenario, gates=GATES, base=None):
+    """Records for full depth, static depths, the gates and the router's thresholds on one held-out set.
+    With `base` (the untuned model when `model` carries a delta), agreement is with base's full depth, and
+    base's own full-depth record comes first."""
+    L = model.config.n_layers
+    settings = {"full": [None], "static": sorted({min(s, L) for s in (12, 16, 20, 24, 26, 28, 29)}), **gates}
+    if router is not None:
+        settings["router"] = sorted(set(THRESHOLDS) | {float(router.meta["threshold"])})  # always its own threshold
+    make = {"full": lambda s: FullDepth(), "static": lambda s: Static(s, L), "confidence": lambda s: Confidence(s),
+            "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
+            "router": lambda s: RouterPolicy(router, s)}  # with the router file's minimum exit layer
+    ref, rows, which = full_reference(base or model, seqs), [], "tuned" if base else "base"
+    if base:
+        n, k, stats, m = evaluate(base, seqs, FullDepth(), ref)
+        rows.append(record("full", None, scenario, n, k, stats, **m, full_ppl=m["ppl"]))
+    for name, values in settings.items():
+        for s in values:
+            n, k, stats, m = evaluate(model, seqs, make[name](s), ref)
+            rows.append(record(name, s, scenario, n, k, stats, which, "base", **m, full_ppl=rows[0]["ppl"] if rows else m["ppl"]))
+            print(f"\r  {scenario} {name} {s}: agreement {k / n:.1%}, saved {stats.saved:.1%}   ",
+                  end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return rows
+
+
+def report(records, plot_path=None):
+    """A markdown table per scenario, and agreement against compute per policy as a PNG."""
+    lines, scenarios = [], list(dict.fromkeys(r["scenario"] for r in records))
+    for sc in scenarios:
+        rows = [r for r in records if r["scenario"] == sc]
+        lines += [f"\n### {sc} (n = {rows[0]['n']} tokens)\n",
+                  f"| policy | setting | mean exit layer | compute saved | argmax agreement [95% CI] | KL | ppl (full: {rows[0]['full_ppl']:.1f}) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['mean_exit_layer']:.1f} | "
+                  f"{r['compute_saved']:.1%} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
+                  f"{r['kl']:.3f} | {r['ppl']:.1f} |" for r in rows]
+    if plot_path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False)
+        for ax, sc in zip(axes[0], scenarios):
+            rows = [r for r in records if r["scenario"] == sc]
+            for pol in dict.fromkeys(r["policy"] for r in rows):
+                pts = sorted((1 - r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
+                ax.plot(*zip(*pts), "o-" if pol != "full" else "k*", label=pol, markersize=4)
+            ax.set(title=f"{sc} (n = {rows[0]['n']} tokens)", xlabel="compute relative to full depth (MAC counters, log scale)",
+                   ylabel="argmax agreement with full model", ylim=(0, 1.02), xscale="log")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=110)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
+def check_output(path, what, folder=False):
+    """Refuse, before any long work, an output path that could not be written at the end of it."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{what} {p} is {'not ' if folder else ''}a directory; give a {'folder' if folder else 'file'} name")
+    parent = p if folder and p.is_dir() else p.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {p}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {p}: the folder {parent} is not writable")

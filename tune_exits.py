@@ -1,0 +1,266 @@
+"""Exit tuning (paper 2's joint optimisation): low-rank deltas on every layer's projections,
+self-distilled from the frozen base model at full depth, with the ADEPT path in the loop:
+tokens exit at sampled layers, later tokens are trained through their filled K/V, and the
+exited tokens' own loss is taken through the shared head at their exit layer.
+
+    python train_exits.py --tune          # writes exits/<model>.tuning.safetensors
+    python sample.py --tuning FILE ...    # the delta merged into the weights at load
+
+The router (train_exits.py) learns where a frozen model may exit; exit tuning changes the
+model instead, and a router is then trained for the tuned model.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from checkpoint import UserError, model_id, read_artifact
+from data import NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, save_atomic
+
+# ----------------------------------------------------------------------------- low-rank deltas
+
+TUNABLE = ("wqkv", "wo", "w13", "w2")  # the stacked projections a delta may change
+
+
+class LowRank(torch.nn.Module):
+    """A low-rank delta of one stacked weight W [L, in, out], every layer at once: W + (alpha/r) · A @ B.
+
+    B starts at zero, so an untrained delta gives the base model bit for bit. Registered as a
+    parametrization of the weight (add_deltas), it is seen by every reader of W under autograd,
+    the layer and the decoupled KV fill alike; `merge_deltas` writes it into W once for inference.
+    """
+    def __init__(self, n_layers, d_in, d_out, rank, alpha):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.randn(n_layers, d_in, rank) / d_in ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(n_layers, rank, d_out))
+        self.scale, self.on = alpha / rank, True
+
+    def forward(self, W):
+        return W + self.scale * (self.A @ self.B) if self.on else W
+
+
+def add_deltas(model, rank, alpha, targets=TUNABLE):
+    """Put a trainable LowRank delta on each target weight of `model`; returns {name: delta}."""
+    deltas = {}
+    for name in targets:
+        W = getattr(model, name)
+        deltas[name] = LowRank(W.shape[0], W.shape[1], W.shape[2], rank, alpha).to(W.device, W.dtype)
+        parametrize.register_parametrization(model, name, deltas[name], unsafe=True)
+    return deltas
+
+
+def merge_deltas(model):
+    """Write the deltas into the stacked weights and drop them: inference then runs the plain code."""
+    with torch.no_grad():
+        for name in list(getattr(model, "parametrizations", {})):
+            parametrize.remove_parametrizations(model, name, leave_parametrized=True)
+            getattr(model, name).requires_grad_(False)
+
+
+def load_tuning(model, path):
+    """Merge a delta file from `train_exits.py --tune` into a loaded base model, refusing one made for other weights."""
+    meta, tensors = read_artifact(path, "tuning", "make one with train_exits.py --tune")
+    base = model_id(model)
+    if meta.get("base_model") != base:
+        raise UserError(f"tuning {path} was made for {meta.get('base_model')}, not for this model, {base}")
+    try:
+        rank, alpha, targets = int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(",")
+        deltas = add_deltas(model, rank, alpha, targets)
+        for name, d in deltas.items():
+            d.A.data.copy_(tensors[f"{name}.A"])
+            d.B.data.copy_(tensors[f"{name}.B"])
+    except (KeyError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); make it again") from None
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise UserError(f"{path} holds non-finite values; make it again")
+    merge_deltas(model)
+    model.fingerprint = hashlib.sha1((model.fingerprint + meta["base_model"] + repr(sorted(
+        (k, hashlib.sha1(t.float().numpy().tobytes()).hexdigest()) for k, t in tensors.items()))).encode()).hexdigest()
+    model.tuning = meta
+    return model
+
+
+
+
+# ----------------------------------------------------------------------------- exit tuning (joint optimisation, paper 2)
+#
+# The router above learns where a frozen model may exit. Exit tuning changes the model instead:
+# low-rank deltas (model.LowRank) trained by self-distillation from the frozen base, through the
+# ADEPT path itself (model.forward with a sampled exit pattern: exited tokens keep h_e, later
+# tokens read their filled K/V), so that exit states predict what the base's final layer does.
+
+
+def tuning_data(model, tok, args):
+    """Windows [N, tune_len] of token ids to tune on, and held-out windows. Text the model generates from
+    TUNE_PROMPTS (gen_seeds samples of each) and docstrings of every importable standard-library module
+    outside STDLIB (the router's human text, whose held-out part its evaluation scores), or --data.
+    Split by whole document, then each side joined into one stream and cut into windows."""
+    docs = [ids for k in range(args.gen_seeds)
+            for ids, _ in generated_text(model, tok, args.seed + 1 + k, args.gen_tokens, prompts=TUNE_PROMPTS)]
+    modules = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in {*STDLIB, *NOT_IMPORTED})
+    docs += [tok.encode(d) for d in (args.data_texts or docstrings(modules))]
+    random.Random(args.seed).shuffle(docs)
+    n_val, sep = max(1, len(docs) // 20), min(tok.eos_ids or {0})
+    stream = lambda ds: [t for d in ds for t in d + [sep]]
+    windows = lambda ids: torch.tensor(chunks(ids, args.tune_len)[:len(ids) // args.tune_len]).view(-1, args.tune_len)
+    return windows(stream(docs[n_val:])), windows(stream(docs[:n_val]))
+
+
+def sample_exits(shape, layers, rate, n_layers, g):
+    """The exit layer of each token: with probability `rate` a layer drawn uniformly from `layers` (lo, hi), else the last."""
+    e = torch.randint(layers[0], layers[1] + 1, shape, generator=g)
+    return torch.where(torch.rand(shape, generator=g) < rate, e, n_layers)
+
+
+def switch(deltas, on):
+    for d in deltas.values():
+        d.on = on
+
+
+def tuning_loss(model, deltas, ids, exit_layer, final_weight, fill=True):
+    """Per token KL(base at full depth ‖ tuned model), the tuned model's logits taken through the ADEPT path:
+    at its exit layer for a token that exits (weight 1), at the last layer for the others (weight final_weight).
+    fill=False is the ablation without the ADEPT path: exits judged on full-depth states, no filled K/V."""
+    with torch.no_grad():
+        switch(deltas, False)
+        teacher = model(ids).float().log_softmax(-1)  # [B, T, vocab]
+        switch(deltas, True)
+    with parametrize.cached():  # W + A·B once per step, not at every read of W
+        if fill:
+            logits = model(ids, exit_layer)
+        else:
+            hs = []
+            model(ids, hidden_states=hs)
+            h = torch.stack([h for h, *_ in hs])                                  # [L, B, T, D]
+            logits = model.head(h.gather(0, (exit_layer - 1)[None, ..., None].expand(1, *h.shape[1:]))[0])
+    kl = (teacher.exp() * (teacher - logits.float().log_softmax(-1))).sum(-1)  # [B, T]
+    w = torch.where(exit_layer == model.config.n_layers, final_weight, 1.0)
+    return (w * kl).sum() / w.sum(), kl
+
+
+@torch.no_grad()
+def tuning_estimate(model, deltas, val, exit_layers):
+    """Held-out agreement with the base model's full-depth argmax on the first 8 windows of `val` (1,024 tokens at
+    the default --tune-len): the tuned model at full depth, and its shared head at the first, middle and last of
+    the tuned exit layers; with the KL at full depth."""
+    L, (lo, hi) = model.config.n_layers, exit_layers
+    layers, val = sorted({lo, (lo + L) // 2, hi}), val[:8].to(model.tok_emb.device)
+    switch(deltas, False)
+    base = model(val).float().log_softmax(-1)
+    switch(deltas, True)
+    hs = []
+    with parametrize.cached():
+        tuned = model(val, hidden_states=hs).float().log_softmax(-1)
+    target = base.argmax(-1)
+    out = {"final": (tuned.argmax(-1) == target).float().mean().item(),
+           "final_kl": (base.exp() * (base - tuned)).sum(-1).mean().item()}
+    return out | {f"layer {i}": (model.head(hs[i - 1][0]).argmax(-1) == target).float().mean().item() for i in layers}
+
+
+# What a resumed run must share with the checkpoint it resumes (the data too: --data, --gen-seeds, --tune-len)
+RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill",
+          "data", "gen_seeds", "tune_len")
+
+
+def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
+    """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path.
+    Resumes from `ckpt` if it exists (a run with the same settings), and equals an uninterrupted run.
+    Returns (deltas, log)."""
+    from tqdm import tqdm
+    torch.manual_seed(args.seed)
+    deltas = add_deltas(model, args.rank, args.alpha)
+    params = [p for d in deltas.values() for p in (d.A, d.B)]
+    opt = torch.optim.Adam(params, lr=args.tune_lr)
+    step, log = 0, []
+    recipe = {k: getattr(args, k, None) for k in RECIPE}
+    if ckpt and Path(ckpt).is_file():
+        state = torch.load(ckpt, weights_only=True)
+        if state.get("recipe") != recipe:
+            other = {k: v for k, v in (state.get("recipe") or {}).items() if recipe.get(k) != v}
+            raise UserError(f"{ckpt} is the checkpoint of a run with other settings ({other}); rerun with those to "
+                            "resume it, or delete it to start afresh")
+        for name, d in deltas.items():
+            d.load_state_dict(state["deltas"][name])
+        opt.load_state_dict(state["opt"])
+        step, log = state["step"], state["log"]
+    L, dev = model.config.n_layers, model.tok_emb.device
+    if not log:
+        log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val, args.exit_layers)})
+    bar = tqdm(total=args.tune_steps, initial=step, desc="exit tuning", disable=not progress)
+    while step < args.tune_steps:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # drawn per step: a resumed run draws the same
+        ids = train[torch.randint(len(train), (args.tune_batch,), generator=g)]
+        exit_layer = sample_exits(ids.shape, args.exit_layers, args.exit_rate, L, g).to(dev)
+        ids = ids.to(dev)
+        for group in opt.param_groups:  # linear warm-up, then cosine decay to a tenth
+            warm = min(1.0, (step + 1) / 20)
+            group["lr"] = args.tune_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.tune_steps))
+        loss, kl = tuning_loss(model, deltas, ids, exit_layer, args.final_weight, fill=not args.no_fill)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        full = exit_layer == L
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", final_kl=f"{kl[full].mean().item():.3f}",
+                        exit_kl=f"{kl[~full].mean().item():.3f}")
+        if step % args.eval_every == 0 or step == args.tune_steps:
+            log.append({"step": step, "tokens": step * ids.numel(), **tuning_estimate(model, deltas, val, args.exit_layers)})
+            bar.write("  held-out agreement with base: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in log[-1].items() if k not in ("step", "tokens")) + f" ({log[-1]['tokens']} tokens)")
+        if ckpt and (step % args.eval_every == 0 or step == args.tune_steps or step == stop_after):
+            save_atomic({"deltas": {n: d.state_dict() for n, d in deltas.items()}, "opt": opt.state_dict(),
+                         "step": step, "log": log, "recipe": recipe}, ckpt)
+        if stop_after is not None and step >= stop_after:
+            break
+    bar.close()
+    return deltas, log
+
+
+def save_tuning(deltas, path, meta):
+    """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
+    from safetensors.torch import save_file
+    tensors = {f"{n}.{k}": getattr(d, k).detach().to("cpu", torch.bfloat16).contiguous() for n, d in deltas.items() for k in "AB"}
+    save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
+    os.replace(f"{path}.tmp", path)
+
+
+def tune_main(model, tok, args, tuning_out, runs):
+    """--tune: data, the tuning loop (resumable), the delta file, and the learning curve."""
+    t0 = time.time()
+    base_id = model_id(model)
+    train_w, val_w = tuning_data(model, tok, args)
+    if len(train_w) == 0 or len(val_w) == 0:
+        raise UserError(f"too little text to tune on: {len(train_w)} training and {len(val_w)} held-out windows of "
+                        f"{args.tune_len} tokens; give more with --data or a shorter --tune-len")
+    print(f"tuning data: {train_w.numel()} training tokens, {val_w.numel()} held-out ({time.time() - t0:.0f}s)", file=sys.stderr)
+    ckpt = runs / f"{tuning_out.stem}.resume.pt"
+    deltas, log = tune(model, train_w, val_w, args, ckpt=ckpt)
+    meta = {"base_model": base_id, "rank": args.rank, "alpha": args.alpha, "targets": ",".join(deltas),
+            "final_weight": args.final_weight, "exit_rate": args.exit_rate, "exit_layers": "%d-%d" % tuple(args.exit_layers),
+            "fill_in_loop": not args.no_fill, "data": "--data" if args.data else f"generated x{args.gen_seeds} + stdlib docstrings",
+            "tokens_trained": args.tune_steps * args.tune_batch * args.tune_len, "lr": args.tune_lr, "seed": args.seed}
+    save_tuning(deltas, tuning_out, meta)
+    ckpt.unlink(missing_ok=True)
+    # what bfloat16 storage costs: the last held-out estimate again, with the deltas rounded as stored
+    with torch.no_grad():
+        for p in (p for d in deltas.values() for p in (d.A, d.B)):
+            p.copy_(p.to(torch.bfloat16))
+    stored = tuning_estimate(model, deltas, val_w, args.exit_layers)
+    print("stored in bfloat16: " + ", ".join(f"{k} {log[-1][k]:.4f} -> {v:.4f}" for k, v in stored.items()), file=sys.stderr)
+    print(f"wrote {tuning_out} after {time.time() - t0:.0f}s\n\nlearning curve (held-out, agreement with the base model's argmax):")
+    keys = [k for k in log[0] if k not in ("step", "tokens")]
+    print("| tokens | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for r in log:
+        print(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python train_exits.py " + " ".join(sys.argv[1:])},
+                                               "learning_curve": log, "stored_bf16": stored}, indent=2))
