@@ -66,8 +66,8 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     c, L, e = model.config, model.config.n_layers, exit_layer
     per_layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.q_dim * (pos + 1)  # [n]
     asked = (e.clamp(max=L - 1) - policy.min_layer + 1).clamp(min=0)
-    layers, layer_work, asked, skipped = torch.stack([e.sum(), (e * per_layer).sum(), asked.sum(), (L - e).sum()]).tolist()
-    full = int(L * per_layer.sum())
+    layers, layer_work, asked, skipped, full = torch.stack(  # one read-back for all five
+        [e.sum(), (e * per_layer).sum(), asked.sum(), (L - e).sum(), L * per_layer.sum()]).tolist()
     heads = n_logits * c.dim * c.vocab_size
     stats.tokens += len(e)
     stats.layers += layers

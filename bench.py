@@ -354,7 +354,7 @@ def main(argv=None):
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
-          f"greedy tokens, median of {repeats} alternating repeats; n = scored tokens (decode) or prompts (prefill); "
+          f"greedy tokens, each paired with full depth just before it, median of {repeats} pairs; n = scored tokens (decode) or prompts (prefill); "
           f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval\n")
     print("| scenario | text | model | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | ideal | agreement [95% CI] | KL | ppl | full's ppl |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
