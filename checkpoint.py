@@ -6,6 +6,7 @@ weight format: a checkpoint is an untrusted file), the tokenizer (tokenizer.json
 tokenizer.model) and the checkpoint's own chat template, rendered by jinja2 in its
 sandbox as `transformers` renders it.
 """
+import functools
 import hashlib
 import json
 import math
@@ -305,6 +306,7 @@ class Tokenizer:
                 raise UserError(f"tokenizer_config.json {key} is {json.dumps(t)[:40]}; it must be a token string")
             return t
         self.bos, self.eos = token("bos_token"), token("eos_token")
+        self.specials = {t: self.id_of(t) for t in (self.bos, self.eos) if t and self.id_of(t) is not None}
         self.bos_id = self.id_of(self.bos) if self.bos else model_cfg.get("bos_token_id")
         self.add_bos = get(cfg, "add_bos_token", bool, add_bos_default) and self.bos_id is not None
         eos = [self.id_of(self.eos)] if self.eos else []
@@ -328,11 +330,10 @@ class Tokenizer:
     def sp_encode(self, text):
         """sentencepiece reads "<s>" in text as three characters; a rendered chat template writes BOS/EOS
         as text, so they are split off and mapped to their ids (what tokenizer.json does by itself)."""
-        specials = {t: self.id_of(t) for t in (self.bos, self.eos) if t and self.id_of(t) is not None}
-        if not specials:
+        if not self.specials:
             return self.tok.encode(text)
-        parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
-        return [i for p in parts if p for i in ([specials[p]] if p in specials else self.tok.encode(p))]
+        parts = re.split("(" + "|".join(map(re.escape, self.specials)) + ")", text)
+        return [i for p in parts if p for i in ([self.specials[p]] if p in self.specials else self.tok.encode(p))]
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         ids = self._encode(text)
@@ -349,10 +350,10 @@ class Tokenizer:
             if chat else self.encode(text)
 
 
-def render_chat(template, messages, bos_token=None, eos_token=None):
-    """A checkpoint's Jinja chat template rendered as `transformers` renders it: in jinja2's immutable
-    sandbox (a template is untrusted: it cannot reach Python internals), with `messages`,
-    `add_generation_prompt`, `bos_token`, `eos_token` and the helpers templates call."""
+@functools.lru_cache(maxsize=8)
+def chat_template(source):
+    """A chat template compiled once, in jinja2's immutable sandbox (a template is untrusted: it cannot
+    reach Python internals), with the helpers `transformers` gives templates."""
     import jinja2
     from datetime import datetime
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -362,9 +363,15 @@ def render_chat(template, messages, bos_token=None, eos_token=None):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda fmt: datetime.now().strftime(fmt)}
+    return env.from_string(source)
+
+
+def render_chat(template, messages, bos_token=None, eos_token=None):
+    """A checkpoint's Jinja chat template rendered as `transformers` renders it, with `messages`,
+    `add_generation_prompt`, `bos_token` and `eos_token`."""
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=bos_token or "", eos_token=eos_token or "")
+        return chat_template(template).render(messages=messages, add_generation_prompt=True,
+                                              bos_token=bos_token or "", eos_token=eos_token or "")
     except Exception as e:  # a syntax error, the sandbox's refusal, raise_exception, or any error inside the template
         raise UserError(f"the chat template failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         "fix chat_template in tokenizer_config.json or use --no-chat") from None

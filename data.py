@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from adept import sample
-from checkpoint import UserError, model_id
+from checkpoint import model_id
+from model import UserError
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",

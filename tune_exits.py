@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from checkpoint import UserError, model_id, read_artifact
+from checkpoint import model_id, read_artifact
+from model import UserError
 from data import NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, save_atomic
 
 # ----------------------------------------------------------------------------- low-rank deltas
