@@ -65,14 +65,13 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     """
     c, L, e = model.config, model.config.n_layers, exit_layer
     per_layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.q_dim * (pos + 1)  # [n]
-    asked = (e.clamp(max=L - 1) - policy.min_layer + 1).clamp(min=0)
-    layers, layer_work, asked, skipped, full = torch.stack(  # one read-back for all five
-        [e.sum(), (e * per_layer).sum(), asked.sum(), (L - e).sum(), L * per_layer.sum()]).tolist()
+    layers, layer_work, router_work, skipped, full = torch.stack(  # one read-back for all five
+        [e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), (L - e).sum(), L * per_layer.sum()]).tolist()
     heads = n_logits * c.dim * c.vocab_size
     stats.tokens += len(e)
     stats.layers += layers
     stats.layer_macs += layer_work
-    stats.router_macs += asked * policy.macs(c)
+    stats.router_macs += router_work
     stats.fill_macs += skipped * c.dim * 2 * c.kv_dim if fill else 0
     stats.head_macs += heads
     stats.full_macs += full + heads
@@ -97,6 +96,10 @@ class Policy:
 
     def macs(self, c):
         return 0
+
+    def work(self, c, pos, e):
+        """Its MACs for tokens at pos [n] that exited at e [n]: asked at layers min_layer..min(e, L-1)."""
+        return (e.clamp(max=c.n_layers - 1) - self.min_layer + 1).clamp(min=0).sum() * self.macs(c)
 
 
 class FullDepth(Policy):
@@ -258,6 +261,28 @@ class RouterPolicy(Policy):
         return self.router.macs()
 
 
+class PromptPolicy(Policy):
+    """Prefill with two targets. Of a prompt token only the K/V are read, by the tokens after it;
+    the read position (the last prompt token, whose output starts generation) is read itself.
+    So tokens before `read` exit by `prompt`, and the read position by `policy`, the decode policy."""
+    def __init__(self, prompt, policy, read):
+        self.prompt, self.policy, self.read = prompt, policy, read
+        self.min_layer = min(prompt.min_layer, policy.min_layer)
+
+    def decide(self, model, i, pos, h, q, k, v):
+        n = len(pos) - (int(pos[-1]) == self.read)  # the read position is last among the active, if still active
+        outs = [pol.decide(model, i, pos[s], h[s], q[s], k[s], v[s]) if i >= pol.min_layer and len(pos[s]) else None
+                for pol, s in ((self.prompt, slice(None, n)), (self.policy, slice(n, None)))]
+        if outs[0] is None and outs[1] is None:
+            return None
+        return torch.cat([torch.zeros(m, dtype=torch.bool, device=h.device) if o is None else o
+                          for o, m in zip(outs, (n, len(pos) - n))])
+
+    def work(self, c, pos, e):
+        r = pos == self.read
+        return self.prompt.work(c, pos[~r], e[~r]) + self.policy.work(c, pos[r], e[r])
+
+
 def check_range(what, x, lo, hi):
     if not lo <= x <= hi:
         raise UserError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
@@ -350,8 +375,9 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, top_k=None, top_p=1.0,
-             seed=None, eos_ids=(), on_token=None, kv_fill="decoupled") -> Generation:
-    """Prefill the prompt, then decode token by token, each token exiting where the policy says.
+             seed=None, eos_ids=(), on_token=None, kv_fill="decoupled", prompt_policy=None) -> Generation:
+    """Prefill the prompt, then decode token by token, each token exiting where the policy says
+    (in prefill, the tokens before the last exit by prompt_policy if one is given).
 
     on_token(token_id, exit_layer) is called as each token is produced (for streaming).
     The exit layer reported for a generated token is that of the step that produced
@@ -366,7 +392,8 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     out = Generation([], [], [])
     t0 = time.perf_counter()
-    logits, e = forward_tokens(model, torch.tensor(prompt_ids, device=device), 0, cache, policy, out.prefill, kv_fill=kv_fill)
+    prefill = PromptPolicy(prompt_policy, policy, len(prompt_ids) - 1) if prompt_policy else policy
+    logits, e = forward_tokens(model, torch.tensor(prompt_ids, device=device), 0, cache, prefill, out.prefill, kv_fill=kv_fill)
     out.prompt_exit_layers = e.tolist()
     step_exit = int(e[-1])
     sync(device)
@@ -393,6 +420,24 @@ def sync(device):
 
 
 DEFAULT_EXITS = Path(__file__).resolve().parent / "exits" / "smollm2-135m-instruct.safetensors"
+DEFAULT_FILL = DEFAULT_EXITS.with_suffix(".fill.safetensors")
+
+
+def load_fill(model, path):
+    """Calibrate the model's KV fill (kv_cache.py) with a file from train_exits.py --calibrate, refusing one
+    measured on other weights; 'plain' leaves the fill uncorrected."""
+    if str(path) == "plain":
+        model.fill_mu = None
+        return model
+    meta, tensors = read_artifact(path, "fill calibration", "make one with train_exits.py --calibrate or pass --fill plain")
+    if meta.get("base_model") != model_id(model):
+        raise UserError(f"fill calibration {path} was measured on {meta.get('base_model')}, not on this model, "
+                        f"{model_id(model)}; make one with train_exits.py --calibrate or pass --fill plain")
+    mu, want = tensors.get("mu"), (model.config.n_layers + 1, model.config.dim)
+    if mu is None or tuple(mu.shape) != want or not mu.is_floating_point() or not bool(torch.isfinite(mu).all()):
+        raise UserError(f"{path} is damaged: it needs a finite float tensor mu of shape {want}; make it again")
+    model.fill_mu = mu.to(model.tok_emb.device, model.tok_emb.dtype)
+    return model
 POLICIES = ("router", "confidence", "entropy", "static", "full")
 
 

@@ -9,6 +9,11 @@ compute them all from the exit hidden state h_e at once:
 Nothing in that formula depends on another skipped layer, so one batched matmul over
 the stacked weights of layers e+1..L does it. `fill_sequential` is the CALM-style
 loop over the same formula, one layer after another: the reference the tests use.
+
+Calibrated fill: layer l would have seen h_{l-1}, not h_e, and the residual stream
+drifts with depth in much the same way for every token. With `model.fill_mu` set
+([L+1, D], mu[j] = the mean hidden state after j layers, measured on training text by
+train_exits.py --calibrate), layer l reads h_e + (mu[l-1] - mu[e]) instead: one add.
 """
 import torch
 import torch.nn.functional as F
@@ -67,16 +72,20 @@ class SequenceCache:
         return self.k[:, :, :end], self.v[:, :, :end], None
 
 
-def skipped_kv(model, h, pos, layers):
+def skipped_kv(model, h, pos, layers, exit_layer):
     """K (roped) and V of hidden states h [n, D] at positions pos [n], as the given layers would make them.
 
-    layers: a slice of layer indices. Returns k, v: [len(layers), n, n_kv_heads, head_dim].
-    RMSNorm's 1/rms(h) is the same for every layer, so h is normalised once and only each
-    layer's norm weight is applied per layer; then one bmm projects through all of them.
+    layers: a slice of layer indices (0-based); exit_layer [n]: each token's e. Returns k, v:
+    [len(layers), n, n_kv_heads, head_dim]. Without calibration RMSNorm's 1/rms(h) is the same
+    for every layer, so h is normalised once and only each layer's norm weight is applied per
+    layer; then one bmm projects through all of them.
     """
-    c = model.config
+    c, mu = model.config, model.fill_mu
     S, n = len(range(c.n_layers)[layers]), h.shape[0]
-    x = F.rms_norm(h, (c.dim,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
+    if mu is None:
+        x = F.rms_norm(h, (c.dim,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
+    else:  # layer l (0-based) reads h_e + mu[l] - mu[e]
+        x = F.rms_norm(h[None] + (mu[layers, None] - mu[exit_layer][None]), (c.dim,), None, c.norm_eps) * model.attn_norm[layers, None, :]
     kv = torch.bmm(x, model.wqkv[layers, :, c.q_dim:])                                      # [S, n, 2*kv_dim]
     k, v = kv.view(S, n, 2, c.n_kv_heads, c.head_dim).unbind(2)
     return model.rope(k, pos), v
@@ -93,7 +102,7 @@ def fill_decoupled(cache, model, h, pos, exit_layer):
     first = int(exit_layer.min())
     if first >= L:
         return
-    k, v = skipped_kv(model, h, pos, slice(first, L))                # [S, n, kv_heads, hd]
+    k, v = skipped_kv(model, h, pos, slice(first, L), exit_layer)    # [S, n, kv_heads, hd]
     layer = torch.arange(first, L, device=h.device)[:, None].expand(-1, len(pos))
     p = pos[None].expand_as(layer)
     keep = layer >= exit_layer[None]                                  # [S, n]: a layer token j skipped
@@ -106,10 +115,10 @@ def fill_decoupled(cache, model, h, pos, exit_layer):
 
 def fill_sequential(cache, model, h, pos, exit_layer):
     """Reference for `fill_decoupled`: each token, each skipped layer, one after another."""
-    c = model.config
+    c, mu = model.config, model.fill_mu
     for j in range(len(pos)):
-        p = pos[j:j + 1]
-        for i in range(int(exit_layer[j]), c.n_layers):
-            x = F.rms_norm(h[j], (c.dim,), model.attn_norm[i], c.norm_eps)
+        p, e = pos[j:j + 1], int(exit_layer[j])
+        for i in range(e, c.n_layers):
+            x = F.rms_norm(h[j] if mu is None else h[j] + (mu[i] - mu[e]), (c.dim,), model.attn_norm[i], c.norm_eps)
             k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, 1, 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n=1, ...]
             cache.write(i, p, model.rope(k, p), v)

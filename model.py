@@ -63,6 +63,7 @@ class Transformer(torch.nn.Module):
         self.w2 = P(L, F_, D)
         self.norm = P(D)
         self.lm_head = P(D, c.vocab_size)  # a transposed copy of tok_emb when tied
+        self.fill_mu = None                # [L+1, D]: the calibrated fill's mean hidden states (kv_cache.py)
         self.register_buffer("cos", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
         if self.cos.device.type != "meta":
@@ -125,17 +126,20 @@ class Transformer(torch.nn.Module):
         autograd can follow: every token runs every layer, but after its exit layer e its h stays
         h_e. At each deeper layer its K/V are then computed from h_e, which is exactly the
         decoupled fill (kv_cache.py), later tokens attend to them, and its logits come from the
-        head at e. It equals adept.forward_tokens under the same pattern (tested) without its
-        savings: exit tuning (train_exits.py) trains through it. With a list `hidden_states`,
+        head at e. With `fill_mu` set, layer i reads h_e + mu[i] - mu[e] for such a token: the
+        calibrated fill. It equals adept.forward_tokens under the same pattern (tested) without
+        its savings: exit tuning (tune_exits.py) trains through it. With a list `hidden_states`,
         each layer's (h, q, k, v) is appended to it.
         """
         B, T = ids.shape
         pos = torch.arange(T, device=ids.device)
         mask = pos[:, None] >= pos[None, :]  # causal
-        h, cache = self.tok_emb[ids], SequenceCache()
+        h, cache, mu = self.tok_emb[ids], SequenceCache(), self.fill_mu
         for i in range(self.config.n_layers):
-            h_next, qkv = self.layer(i, h, pos, cache, mask)
-            h = h_next if exit_layer is None else torch.where((exit_layer > i)[..., None], h_next, h)  # layer i+1 ran?
+            ran = None if exit_layer is None else (exit_layer > i)[..., None]  # does layer i+1 run for the token?
+            x = h if ran is None or mu is None else torch.where(ran, h, h + (mu[i] - mu[exit_layer]))
+            h_next, qkv = self.layer(i, x, pos, cache, mask)
+            h = h_next if ran is None else torch.where(ran, h_next, h)
             if hidden_states is not None:
                 hidden_states.append((h, *qkv))
         return self.head(h)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from adept import DEFAULT_EXITS, POLICIES, FullDepth, check_sampling, generate, make_policy
+from adept import DEFAULT_EXITS, DEFAULT_FILL, POLICIES, FullDepth, check_sampling, generate, load_fill, make_policy
 from checkpoint import DTYPES, load
 from convert import default_checkpoint
 from model import UserError
@@ -35,6 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
     p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")
     p.add_argument("--exit-layer", type=int, default=None, help="the layer of the static policy (default 24)")
+    p.add_argument("--prompt-exit-layer", type=int, default=None, help="prompt tokens before the last exit at this layer "
+                   "(their K/V are all that is read of them); default: the prompt follows --policy")
+    p.add_argument("--prompt-exits", help="a router for prompt tokens (train_exits.py --target prompt) instead")
+    p.add_argument("--fill", help="fill calibration (train_exits.py --calibrate), or 'plain' for the uncorrected fill "
+                   f"(default: {DEFAULT_FILL.relative_to(DEFAULT_FILL.parent.parent)} for the default model)")
     p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")
     p.add_argument("--no-color", action="store_true", help="plain text with [depth] after each token")
     return p.parse_args(argv)
@@ -94,13 +99,18 @@ def main(argv=None):
     default_router = args.exits or (args.checkpoint is None and args.tuning is None and DEFAULT_EXITS.is_file())
     policy_name = args.policy or ("router" if default_router else "full")
     policy = make_policy(policy_name, model, args.threshold, args.min_layer, args.exit_layer, args.exits)
+    if args.prompt_exit_layer is not None and args.prompt_exits:
+        raise UserError("--prompt-exit-layer and --prompt-exits are two prompt policies; choose one")
+    prompt_policy = (make_policy("static", model, exit_layer=args.prompt_exit_layer) if args.prompt_exit_layer is not None else
+                     make_policy("router", model, exits=args.prompt_exits) if args.prompt_exits else None)
+    load_fill(model, args.fill or (DEFAULT_FILL if args.checkpoint is None and args.tuning is None and DEFAULT_FILL.is_file() else "plain"))
     ids = tok.prompt(args.prompt, args.chat)
     print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in {time.perf_counter() - t0:.1f}s; "
           f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)
     show_depth = policy_name != "full"
     printer = Printer(tok, L, show_depth, sys.stdout.isatty() and not args.no_color)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p,
-              seed=args.seed, eos_ids=tok.eos_ids)
+              seed=args.seed, eos_ids=tok.eos_ids, prompt_policy=prompt_policy)
     g = generate(model, ids, args.max_new_tokens, policy, on_token=printer, **kw)
     print()
     n_dec = max(len(g.tokens) - 1, 0)  # the first token comes from prefill
@@ -111,7 +121,7 @@ def main(argv=None):
                  f"compute saved (est.): prefill {g.prefill.saved:.0%}, decode {g.decode.saved:.0%}")
     print(line, file=sys.stderr)
     if args.compare:
-        f = generate(model, ids, args.max_new_tokens, FullDepth(), **kw)
+        f = generate(model, ids, args.max_new_tokens, FullDepth(), **kw | {"prompt_policy": None})
         f_tps = max(len(f.tokens) - 1, 0) / f.decode_s if f.decode_s > 0 else float("nan")
         same = sum(a == b for a, b in zip(g.tokens, f.tokens))
         prefix = next((j for j, (a, b) in enumerate(zip(g.tokens, f.tokens)) if a != b), min(len(g.tokens), len(f.tokens)))

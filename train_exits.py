@@ -4,6 +4,7 @@
     python train_exits.py --eval          # evaluate the shipped router only
     python train_exits.py --tune          # exit tuning instead (tune_exits.py): a low-rank delta for the model
     python train_exits.py --tuning D --out R.safetensors   # a router for the tuned model
+    python train_exits.py --calibrate     # the calibrated KV fill's statistics, beside the router file
 
 Targets (ADEPT.md §3). One full-depth pass gives, for token j and layer i, the state
 (h, q, k, v) and T(i,j) = 1 if the shared head at layer i predicts the full model's
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, router_features
+from adept import DEFAULT_EXITS, DEFAULT_FILL, Router, RouterPolicy, check_range, load_fill, router_features
 from checkpoint import DTYPES, UserError, load, model_id
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, save_atomic
@@ -73,6 +74,19 @@ def targets(model, seqs):
                                   for h, q, k, v in hs[:-1]]))
         agree.append(torch.stack([model.head(h[0, start:]).argmax(-1) == final for h, *_ in hs]))
     return torch.cat(feats, 1).float().cpu(), torch.cat(agree, 1).float().cpu()  # the router trains on the CPU
+
+
+@torch.no_grad()
+def fill_statistics(model, seqs, skip=4):
+    """mu [L+1, D]: the mean hidden state after 0..L layers (the calibrated fill, kv_cache.py), over the
+    tokens of seqs past the first `skip` of each (attention sinks, whose states are outsized)."""
+    total, n = 0, 0
+    for ids, _ in seqs:
+        hs, ids = [], torch.tensor([ids], device=model.tok_emb.device)
+        model(ids, hidden_states=hs)
+        h = torch.stack([model.tok_emb[ids]] + [h for h, *_ in hs])[:, 0, skip:].double()  # [L+1, T - skip, D]
+        total, n = total + h.sum(1), n + h.shape[1]
+    return (total / n).float(), n
 
 
 def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True):
@@ -141,6 +155,10 @@ def main(argv=None):
     p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
     p.add_argument("--no-router", action="store_true", help="with --eval: full depth, static depths and the gates only")
     p.add_argument("--tuning", help="merge this delta file (from --tune) into the model first: train or evaluate a router for it")
+    p.add_argument("--calibrate", action="store_true", help="measure the calibrated fill's mean hidden states on the training "
+                   "text and write them beside the router file (<out>.fill.safetensors), instead of training a router")
+    p.add_argument("--fill", help="fill calibration the router is evaluated with (default: the shipped one for the default "
+                   "model, else plain), or 'plain'")
     t = p.add_argument_group("exit tuning (--tune): low-rank deltas distilled from the frozen model through the ADEPT path")
     t.add_argument("--tune", action="store_true", help="train a delta and write it to --tuning-out, instead of a router")
     t.add_argument("--tuning-out", help="delta file to write (default: exits/<model>.tuning.safetensors for the default model)")
@@ -193,6 +211,8 @@ def main(argv=None):
         raise UserError("--tune trains a delta on the base model; --eval and --tuning belong to router runs")
     if args.tune and args.checkpoint and not args.tuning_out:
         raise UserError("with --checkpoint, name the delta file to write with --tuning-out")
+    if args.calibrate and (args.tune or args.eval):
+        raise UserError("--calibrate writes fill statistics only; run --tune or --eval separately")
     if args.tuning and not args.out and not args.eval:
         raise UserError("a router for a tuned model is another router: name it with --out")
     tuning_out = Path(args.tuning_out) if args.tuning_out else DEFAULT_EXITS.with_suffix(".tuning.safetensors")
@@ -203,6 +223,8 @@ def main(argv=None):
         check_output(tuning_out, "--tuning-out")
         if tuning_out.exists() and not args.force:
             raise UserError(f"{tuning_out} exists; pass --force to overwrite it or --tuning-out to write elsewhere")
+    elif args.calibrate:
+        check_output(out.with_suffix(".fill.safetensors"), "--out")
     elif not args.eval:
         check_output(out, "--out")
     if args.json:
@@ -213,6 +235,7 @@ def main(argv=None):
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     if args.tuning:
         load_tuning(model, args.tuning)
+    load_fill(model, args.fill or (DEFAULT_FILL if not (args.checkpoint or args.tuning or args.calibrate or args.tune) and DEFAULT_FILL.is_file() else "plain"))
     L = model.config.n_layers
     if args.min_layer is None:
         args.min_layer = min(12, L // 2)
@@ -224,8 +247,9 @@ def main(argv=None):
         return tune_main(model, tok, args, tuning_out, runs)
     base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None  # what agreement is measured against
     router = Router.load(out, model) if args.eval and not args.no_router else None
-    if not args.eval and out.exists() and not args.force:
-        raise UserError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    written = out.with_suffix(".fill.safetensors") if args.calibrate else out
+    if not args.eval and written.exists() and not args.force:
+        raise UserError(f"{written} exists; pass --force to overwrite it or --out to write elsewhere")
     t0 = time.time()
     data = build_data(base or model, tok, args)
     for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
@@ -235,6 +259,12 @@ def main(argv=None):
           f"{sum(len(i) - s for i, s in data['heldout_generated'])} held-out generated, "
           f"{sum(len(i) - s for i, s in data['heldout_human'])} held-out human ({time.time() - t0:.0f}s)", file=sys.stderr)
 
+    if args.calibrate:
+        mu, n = fill_statistics(model, data["train"])
+        from safetensors.torch import save_file
+        save_file({"mu": mu.cpu().contiguous()}, str(written), metadata={"base_model": model_id(model), "tokens": str(n),
+                  "text": "train_exits.py training text (generated + human), positions >= 4"})
+        return print(f"wrote {written}: mean hidden states after 0..{L} layers over {n} tokens ({time.time() - t0:.0f}s)", file=sys.stderr)
     if not args.eval:
         n_val = max(1, len(data["train"]) // 10)  # validation sequences (for the threshold), not trained on
         val, train_seqs = data["train"][:n_val], data["train"][n_val:]
