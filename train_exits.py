@@ -5,6 +5,7 @@
     python train_exits.py --tune          # exit tuning instead (tune_exits.py): a low-rank delta for the model
     python train_exits.py --tuning D --out R.safetensors   # a router for the tuned model
     python train_exits.py --calibrate     # the calibrated KV fill's statistics, beside the router file
+    python train_exits.py --target prompt # the router for prompt tokens (exits/<model>.prompt.safetensors)
 
 Targets (ADEPT.md §3). One full-depth pass gives, for token j and layer i, the state
 (h, q, k, v) and T(i,j) = 1 if the shared head at layer i predicts the full model's
@@ -12,6 +13,11 @@ argmax (what greedy generation needs), else 0; C(i) = i/L. With R(i) = λ·T(i) 
 the soft label of Exit over Continue at layer i is σ(R(i) − max_{i'>i} R(i')): the
 Bradley–Terry preference of exiting now over the best later exit. The router is
 trained on it with binary cross-entropy, the base model frozen.
+
+Prompt tokens (--target prompt) are read only through their K/V, by the tokens after
+them, so their task term is the harm their fill does there: T(i, j) = −E(i, j), the
+relative error of the K/V that the (calibrated) fill gives token j from h_i, summed over
+the layers it would skip, each weighted by the mean attention later tokens pay j there.
 
 Data (data.py), without downloads: text the model generates itself from built-in prompts,
 and English docstrings of the Python standard library ("human text"), or your own files
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kv_cache import skipped_kv
 from adept import DEFAULT_EXITS, DEFAULT_FILL, Router, RouterPolicy, check_range, load_fill, router_features
 from checkpoint import DTYPES, UserError, load, model_id
 from convert import default_checkpoint
@@ -89,6 +96,31 @@ def fill_statistics(model, seqs, skip=4):
     return (total / n).float(), n
 
 
+@torch.no_grad()
+def prompt_targets(model, seqs):
+    """Router features [L-1, N, F] and T = −E [L, N] for every token of seqs, read as prompt tokens (see the top)."""
+    c, L, dev = model.config, model.config.n_layers, model.tok_emb.device
+    feats, T = [], []
+    for ids, _ in seqs:
+        n, hs = len(ids), []
+        pos = torch.arange(n, device=dev)
+        model(torch.tensor([ids], device=dev), hidden_states=hs)
+        k = torch.stack([model.rope(k[0].view(n, c.n_kv_heads, c.head_dim), pos) for _, _, k, _ in hs])  # [L, n, kv_heads, hd]
+        v = torch.stack([v[0].view(n, c.n_kv_heads, c.head_dim) for *_, v in hs])
+        q = torch.stack([model.rope(q[0].view(n, c.n_heads, c.head_dim), pos) for _, q, _, _ in hs])
+        a = torch.einsum("lqhd,lkhd->lhqk", q, k.repeat_interleave(c.n_heads // c.n_kv_heads, 2)) / c.head_dim ** 0.5
+        a = a.masked_fill(pos[:, None] < pos[None], -math.inf).softmax(-1).mean(1)  # [L, query, key], heads averaged
+        weight = a.sum(1) / (n - pos)  # [L, n]: the mean attention a token receives from the queries at or after it
+        rel = lambda x, y: (x - y).flatten(2).norm(dim=-1) / y.flatten(2).norm(dim=-1).clamp(min=1e-6)  # [S, n]
+        E = torch.zeros(L, n, device=dev)  # E[L-1] = 0: full depth fills nothing
+        for i in range(1, L):  # exit after layer i: blocks i..L-1 are filled from h_i
+            kf, vf = skipped_kv(model, hs[i - 1][0][0], pos, slice(i, L), torch.full((n,), i, device=dev))
+            E[i - 1] = (weight[i:] * (rel(kf, k[i:]) + rel(vf, v[i:])) / 2).sum(0)
+        feats.append(torch.stack([router_features(model, h[0], q[0], k[0], v[0]) for h, q, k, v in hs[:-1]]))
+        T.append(-E)
+    return torch.cat(feats, 1).float().cpu(), torch.cat(T, 1).float().cpu()
+
+
 def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True):
     """BCE on the soft labels, all layers' routers at once. Resumes from `ckpt` if it exists; returns epoch losses."""
     opt = torch.optim.Adam(router.parameters(), lr=lr)
@@ -140,6 +172,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", default=None, help=f"router file to write (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)} for the default model)")
     p.add_argument("--data", nargs="+", help="your own text files as the human text (default: stdlib docstrings)")
+    p.add_argument("--target", choices=("next-token", "prompt"), default="next-token",
+                   help="what the router's exits must preserve: the token's own prediction, or (prompt) its K/V")
     p.add_argument("--lam", type=float, default=4.0, help="λ, weight of task performance T")
     p.add_argument("--beta", type=float, default=1.0, help="β, weight of compute cost C = i/L")
     p.add_argument("--min-layer", type=int, default=None,
@@ -189,7 +223,7 @@ def main(argv=None):
     # everything the user gave is checked before the minutes of work start
     if args.checkpoint and not args.out and not args.tune:
         raise UserError("with --checkpoint, name the router file to write with --out")
-    out = Path(args.out) if args.out else DEFAULT_EXITS
+    out = Path(args.out) if args.out else DEFAULT_EXITS.with_suffix(".prompt.safetensors") if args.target == "prompt" else DEFAULT_EXITS
     for what, ok, need in [("--lam", 0 < args.lam < math.inf, "> 0"), ("--beta", 0 < args.beta < math.inf, "> 0"),
                            ("--epochs", args.epochs >= 1, ">= 1"), ("--hidden", args.hidden >= 1, ">= 1"),
                            ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
@@ -211,6 +245,8 @@ def main(argv=None):
         raise UserError("--tune trains a delta on the base model; --eval and --tuning belong to router runs")
     if args.tune and args.checkpoint and not args.tuning_out:
         raise UserError("with --checkpoint, name the delta file to write with --tuning-out")
+    if args.target == "prompt" and (args.tune or args.eval or args.calibrate):
+        raise UserError("--target prompt trains a prompt router; run --tune, --eval or --calibrate separately")
     if args.calibrate and (args.tune or args.eval):
         raise UserError("--calibrate writes fill statistics only; run --tune or --eval separately")
     if args.tuning and not args.out and not args.eval:
@@ -270,23 +306,27 @@ def main(argv=None):
         val, train_seqs = data["train"][:n_val], data["train"][n_val:]
         # Prompts are trained on too: in prefill the router decides for every prompt token (chat
         # template included), and a router that never saw them exits some of them at random.
-        feats, T = targets(model, [(ids, 0) for ids, _ in train_seqs])
+        feats, T = (prompt_targets if args.target == "prompt" else targets)(model, [(ids, 0) for ids, _ in train_seqs])
         labels = preference_labels(T, args.lam, args.beta)
         print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
-              f"agreement by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
+              f"mean T by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
         torch.manual_seed(args.seed)
         router = Router(model.config.n_layers, feats.shape[2], args.hidden)
         router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
         train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt")
         router.to(model.tok_emb.device, model.tok_emb.dtype)
-        threshold = pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)
+        # a prompt router is judged where its tokens are read, by bench.py's prefill and label figures; 0.5 = even odds
+        threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)
         out.parent.mkdir(parents=True, exist_ok=True)
         router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
                                          "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer,
-                                         "lam": args.lam, "beta": args.beta, "seed": args.seed, "epochs": args.epochs})
+                                         "lam": args.lam, "beta": args.beta, "seed": args.seed, "epochs": args.epochs,
+                                         "target": args.target, "fill": "calibrated" if model.fill_mu is not None else "plain"})
         os.replace(f"{out}.tmp", out)
         (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
         print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
+        if args.target == "prompt":
+            return
     gates = ALL_GATES if args.all_gates else GATES
     records = sweep(model, router, data["heldout_generated"], "eval-generated", gates, base) + \
         sweep(model, router, data["heldout_human"], "eval-human", gates, base)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adept import FullDepth, Router, Static, Stats, model_id
-from bench import prefill_last, run_prefill
+from bench import LABELS, labelled_documents, prefill_last, run_prefill
 from evaluate import wilson
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,12 +35,37 @@ def test_prefill_under_full_policy_equals_plain_forward(tiny):
         plain = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
     torch.testing.assert_close(logp, plain, atol=1e-5, rtol=1e-5)
     assert int(logp.argmax()) == int(plain.argmax())
-    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("base", "static", 2): (model, Static(2, model.config.n_layers))},
-                      n_gated=0)
+    out = run_prefill(model, [ids, ids[:30] + ids[:10]], {("base", "static", 2): (model, Static(2, model.config.n_layers))})
     n, n_agree, stats, m = out[("base", "full", None)]
     assert (n, n_agree, m["kl"], m["speedup"]) == (2, 2, 0.0, 1.0) and stats.mean_exit_layer == model.config.n_layers
     n, n_agree, stats, m = out[("base", "static", 2)]
     assert n == 2 and stats.mean_exit_layer == 2 and m["kl"] > 0
+
+
+def test_classify_decides_among_the_label_tokens_at_the_read_position(tiny):
+    """Agreement, accuracy and margin of the classify scenario, recomputed from plain forwards."""
+    model, *_ = tiny
+    label_ids = [5, 9, 17]
+    g = torch.Generator().manual_seed(1)
+    docs = [(torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist(), j % 3) for j, n in enumerate((20, 33, 41, 27))]
+    with torch.no_grad():
+        logp = [model(torch.tensor([ids]))[0, -1, label_ids].float().log_softmax(-1) for ids, _ in docs]
+    out = run_prefill(model, docs, {("base", "static", 2): (model, Static(2, model.config.n_layers))}, label_ids)
+    n, n_agree, _, m = out[("base", "full", None)]
+    correct = sum(int(lp.argmax()) == label for lp, (_, label) in zip(logp, docs))
+    assert (n, n_agree) == (4, 4) and m["accuracy"] == m["full_accuracy"] == correct / 4
+    assert m["margin"] == pytest.approx(sum(float(lp.topk(2).values[0] - lp.topk(2).values[1]) for lp in logp) / 4, abs=1e-5)
+    assert out[("base", "static", 2)][3]["full_accuracy"] == correct / 4
+
+
+def test_labelled_documents_are_bbc_articles_with_the_question_in_the_chat_template(smollm):
+    _, tok = smollm
+    docs, label_ids = labelled_documents(tok, 64, 7)
+    assert [label for _, label in docs] == [0, 1, 2, 3, 4, 0, 1]  # the sections in turn
+    assert [tok.decode([i]) for i in label_ids] == ["Business", "Enter", "Pol", "Sports", "Technology"]
+    text = tok.decode(docs[0][0])
+    assert text.startswith("<|im_start|>system") and text.endswith("Answer with one word.<|im_end|>\n<|im_start|>assistant\n")
+    assert all(len(ids) < 64 + 120 for ids, _ in docs) and len(LABELS) == 5
 
 
 def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
@@ -51,7 +76,8 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
                                               "threshold": 0.5, "min_layer": 2, "lam": 4.0, "beta": 1.0})
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(ckpt), "--exits",
-                        str(tmp_path / "r.safetensors"), "--json", str(out), "--plots", str(tmp_path / "plots")],
+                        str(tmp_path / "r.safetensors"), "--json", str(out), "--plots", str(tmp_path / "plots"),
+                        "--classify-docs", "0"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -60,7 +86,7 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
     assert all(SCHEMA <= set(rec) for rec in records)
     scenarios = {rec["scenario"] for rec in records}
     assert scenarios == {"decode", "decode-tf", "kv-sequential", "kv-none", "prefill-64"}  # 256 > the tiny context
-    assert {rec["policy"] for rec in records} == {"full", "static", "confidence", "entropy", "router"}
+    assert {rec["policy"] for rec in records} == {"full", "static", "confidence", "entropy", "router", "prompt-static"}
     for rec in records:
         assert 1 <= rec["mean_exit_layer"] <= c.n_layers and rec["n"] > 0
         assert rec["agreement_lo"] <= rec["agreement"] <= rec["agreement_hi"]
@@ -72,7 +98,7 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
         if rec["scenario"] == "decode-tf":
             assert rec["ppl"] > 1 and rec["full_ppl"] > 1
     prefill = {(rec["text"], rec["policy"]): rec["n"] for rec in records if rec["scenario"] == "prefill-64"}
-    assert prefill[("human", "static")] == 16 and prefill[("generated", "static")] == 4 and prefill[("human", "entropy")] == 4
+    assert prefill[("human", "static")] == 16 and prefill[("generated", "static")] == 4 and ("human", "entropy") not in prefill
     assert (tmp_path / "plots" / "speed_quality.png").stat().st_size > 0
     assert (tmp_path / "plots" / "exit_depths.png").stat().st_size > 0
 
