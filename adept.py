@@ -438,6 +438,8 @@ def load_fill(model, path):
         raise UserError(f"{path} is damaged: it needs a finite float tensor mu of shape {want}; make it again")
     model.fill_mu = mu.to(model.tok_emb.device, model.tok_emb.dtype)
     return model
+
+
 POLICIES = ("router", "confidence", "entropy", "static", "full")
 
 

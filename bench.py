@@ -291,7 +291,7 @@ def main(argv=None):
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
                    help="prompt lengths of the prefill scenario (default 256)")
     p.add_argument("--classify-docs", type=int, default=None, help="BBC News articles of the classify scenario (default 200, "
-                   "quick 10; 0 = none)")
+                   "quick 10, for the default model; 0 = none)")
     p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
@@ -395,7 +395,7 @@ def main(argv=None):
 
     # prefill: the read position's prediction after an N-token prompt (classify: its decision among the labels)
     sets = [(f"prefill-{n}", text, docs, None) for n, texts_n in texts.items() for text, docs in texts_n.items()]
-    n_classify = args.classify_docs if args.classify_docs is not None else 10 if args.quick else 200
+    n_classify = args.classify_docs if args.classify_docs is not None else 0 if args.checkpoint else 10 if args.quick else 200
     if n_classify:
         docs, label_ids = labelled_documents(tok, lengths[0], n_classify)
         sets.append((f"classify-{lengths[0]}", "BBC News", docs, label_ids))

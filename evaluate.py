@@ -1,5 +1,5 @@
 """The measuring stick: teacher-forced evaluation through the real ADEPT path, one record
-schema for every figure (README: docs/RESULTS.md), 95% Wilson intervals, tables and plots.
+schema for every figure (README: docs/RESULTS.md), 95% Wilson intervals, tables.
 Used by train_exits.py (--eval, and after training) and bench.py.
 
 A record: policy, setting, scenario, model, reference, n, mean_exit_layer, compute_saved,
@@ -93,10 +93,10 @@ def sweep(model, router, seqs, scenario, gates=GATES, base=None):
     return rows
 
 
-def report(records, plot_path=None):
-    """A markdown table per scenario, and agreement against compute per policy as a PNG."""
-    lines, scenarios = [], list(dict.fromkeys(r["scenario"] for r in records))
-    for sc in scenarios:
+def report(records):
+    """A markdown table per scenario."""
+    lines = []
+    for sc in dict.fromkeys(r["scenario"] for r in records):
         rows = [r for r in records if r["scenario"] == sc]
         lines += [f"\n### {sc} (n = {rows[0]['n']} tokens)\n",
                   f"| policy | setting | mean exit layer | compute saved | argmax agreement [95% CI] | KL | ppl (full: {rows[0]['full_ppl']:.1f}) |",
@@ -104,23 +104,6 @@ def report(records, plot_path=None):
         lines += [f"| {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['mean_exit_layer']:.1f} | "
                   f"{r['compute_saved']:.1%} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
                   f"{r['kl']:.3f} | {r['ppl']:.1f} |" for r in rows]
-    if plot_path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False)
-        for ax, sc in zip(axes[0], scenarios):
-            rows = [r for r in records if r["scenario"] == sc]
-            for pol in dict.fromkeys(r["policy"] for r in rows):
-                pts = sorted((1 - r["compute_saved"], r["agreement"]) for r in rows if r["policy"] == pol)
-                ax.plot(*zip(*pts), "o-" if pol != "full" else "k*", label=pol, markersize=4)
-            ax.set(title=f"{sc} (n = {rows[0]['n']} tokens)", xlabel="compute relative to full depth (MAC counters, log scale)",
-                   ylabel="argmax agreement with full model", ylim=(0, 1.02), xscale="log")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=110)
-        plt.close(fig)
     return "\n".join(lines)
 
 

@@ -216,7 +216,6 @@ def main(argv=None):
     p.add_argument("--all-gates", action="store_true",
                    help="sweep 5 settings of the confidence and entropy gates instead of 2 (they run the head at every layer: slow)")
     p.add_argument("--json", help="write the evaluation here (records in the schema of bench.py --json)")
-    p.add_argument("--plot", default="runs/exits.png", help="PNG of quality against compute")
     p.add_argument("--force", action="store_true", help="overwrite an existing router file")
     args = p.parse_args(argv)
 
@@ -265,8 +264,6 @@ def main(argv=None):
         check_output(out, "--out")
     if args.json:
         check_output(args.json, "--json")
-    if args.plot:
-        check_output(args.plot, "--plot")
     torch.manual_seed(args.seed)
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     if args.tuning:
@@ -331,13 +328,13 @@ def main(argv=None):
     records = sweep(model, router, data["heldout_generated"], "eval-generated", gates, base) + \
         sweep(model, router, data["heldout_human"], "eval-human", gates, base)
     threshold = float(router.meta["threshold"]) if router else None
-    print(report(records, args.plot))
+    print(report(records))
     for r in records:
         if r["policy"] == "router" and r["setting"] == threshold:
             print(f"\nshipped threshold {threshold} on {r['scenario']} (n = {r['n']} tokens): agreement {r['agreement']:.1%} "
                   f"[{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}], mean exit layer {r['mean_exit_layer']:.1f} of "
                   f"{model.config.n_layers}, compute saved {r['compute_saved']:.1%}, ppl {r['ppl']:.1f} (full {r['full_ppl']:.1f})")
-    print(f"\nplot: {args.plot}; total {time.time() - t0:.0f}s")
+    print(f"\ntotal {time.time() - t0:.0f}s")
     if args.json:
         meta = {"command": "python train_exits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "model": model.name, "model_id": model_id(model), "tuning": args.tuning, "router": router and str(out), "threshold": threshold}

@@ -76,8 +76,7 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
                                               "threshold": 0.5, "min_layer": 2, "lam": 4.0, "beta": 1.0})
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(ckpt), "--exits",
-                        str(tmp_path / "r.safetensors"), "--json", str(out), "--plots", str(tmp_path / "plots"),
-                        "--classify-docs", "0"],
+                        str(tmp_path / "r.safetensors"), "--json", str(out), "--plots", str(tmp_path / "plots")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())

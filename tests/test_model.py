@@ -235,6 +235,10 @@ def test_sample_cli_streams_and_summarises(tiny):
                    "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9")
     assert r.returncode == 0, r.stderr
     assert "tokens/s decode" in r.stderr
+    r = run_sample("--checkpoint", str(tiny[4]), "--prompt", "The quick brown fox", "--max-new-tokens", "3", "--no-chat",
+                   "--policy", "static", "--exit-layer", "5", "--prompt-exit-layer", "2", "--no-color")
+    assert r.returncode == 0, r.stderr
+    assert "mean layers/token: prefill" in r.stderr and "prefill 6.0" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- bad input, second round: nothing silently different
@@ -356,6 +360,9 @@ def test_fingerprint_follows_every_weight_not_only_the_final_norm(tmp_path):
     (["--prompt", "hi", "--policy", "static", "--exit-layer", "0"], "static exit layer 0 is out of range"),
     (["--prompt", "hi", "--policy", "static", "--exit-layer", "2", "--threshold", "0.5"], "--threshold does nothing"),
     (["--prompt", "hi", "--policy", "confidence", "--threshold", "nan"], "confidence threshold nan is out of range"),
+    (["--prompt", "hi", "--prompt-exit-layer", "2", "--prompt-exits", "p.st"], "two prompt policies; choose one"),
+    (["--prompt", "hi", "--prompt-exit-layer", "9"], "static exit layer 9 is out of range"),
+    (["--prompt", "hi", "--fill", "/nonexistent.safetensors"], "fill calibration file /nonexistent.safetensors not found"),
 ])
 def test_sample_cli_bad_input_round_2(tiny, args, message):
     r = run_sample("--checkpoint", str(tiny[4]), *args)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adept import FullDepth, PromptPolicy, Static, Stats, forward_tokens, generate, load_fill, model_id
+from adept import FullDepth, PromptPolicy, RouterPolicy, Static, generate, load_fill, model_id
 from kv_cache import fill_decoupled, fill_sequential
 from model import UserError
 from test_adept import TOL, TOL_DEFAULT, Pattern, check_invariants, prompt, router_file, run
@@ -105,7 +105,6 @@ def test_prompt_tokens_exit_by_the_prompt_policy_and_the_read_position_by_the_de
 
 
 def test_generate_with_a_prompt_policy_counts_each_policys_work_for_its_own_tokens(tiny, tmp_path):
-    from adept import Router, RouterPolicy
     model = tiny[0]
     L, ids = model.config.n_layers, prompt(model, 8).tolist()
     router = RouterPolicy(router_file(model, tmp_path / "r.safetensors"), threshold=1.0, min_layer=2)  # never exits

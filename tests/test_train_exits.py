@@ -135,6 +135,19 @@ def test_train_exits_command_end_to_end(tiny, tmp_path):
     assert r.returncode != 0 and "exists; pass --force" in r.stderr
     r = run("--eval")
     assert r.returncode == 0, r.stderr
+    # the fill calibration beside it, and a router for prompt tokens, from the same text
+    r = run("--calibrate")
+    assert r.returncode == 0, r.stderr
+    from adept import load_fill
+    mu = load_fill(model, tmp_path / "r.fill.safetensors").fill_mu
+    model.fill_mu = None
+    assert mu.shape == (model.config.n_layers + 1, model.config.dim) and not torch.equal(mu[0], mu[-1])
+    assert run("--calibrate").returncode != 0  # it exists: --force
+    prompt_out = str(tmp_path / "p.safetensors")
+    r = subprocess.run([*cmd[:cmd.index("--out") + 1], prompt_out, *cmd[cmd.index("--out") + 2:], "--target", "prompt"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Router.load(prompt_out, model).meta["target"] == "prompt"
 
 
 def run_train_exits(ckpt, tmp_path, *args):
@@ -159,6 +172,9 @@ def run_train_exits(ckpt, tmp_path, *args):
     (["--out", "r.st", "--min-layer", "0"], "--min-layer 0 is out of range"),
     (["--out", "r.st", "--no-router"], "--no-router belongs to --eval"),
     (["--tune", "--tuning-out", "d.st", "--dtype", "bfloat16"], "exit tuning trains in float32"),
+    (["--out", "r.st", "--calibrate", "--eval"], "--calibrate writes fill statistics only"),
+    (["--out", "r.st", "--target", "prompt", "--eval"], "--target prompt trains a prompt router"),
+    (["--out", "r.st", "--eval", "--fill", "missing.safetensors"], "fill calibration file missing.safetensors not found"),
 ])
 def test_train_exits_bad_input_fails_before_any_work(tiny, tmp_path, args, message):
     r = run_train_exits(tiny[4], tmp_path, *args)
