@@ -140,18 +140,6 @@ class Confidence(Policy):
         return c.dim * c.vocab_size
 
 
-class Oracle(Policy):
-    """Exit at the first layer whose argmax equals the full model's (`target[pos]`). Analysis only: it needs the answer."""
-    def __init__(self, target, min_layer=1):
-        self.target, self.min_layer = target, min_layer
-
-    def decide(self, model, i, pos, h, q, k, v):
-        return model.head(h).argmax(-1) == self.target[pos]
-
-    def macs(self, c):
-        return c.dim * c.vocab_size
-
-
 def router_features(model, h, q, k, v):
     """The router's view of the state (h, q, k, v): normalised h, then q, k, v. [n, 2*D + 2*kv_dim]"""
     return torch.cat((F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps), q, k, v), dim=-1)

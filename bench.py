@@ -28,8 +28,8 @@ Scenarios (docs/RESULTS.md documents the record schema of --json):
 Held-out text that no training run in this project reads: the Python reference manual
 (`pydoc_data.topics`, shipped with CPython), text the model generates from GEN_PROMPTS, BBC News.
 
-    python bench.py                   # full run, default model (under 30 min on 2 CPU cores)
-    python bench.py --quick           # under 3 minutes
+    python bench.py                   # full run, default model (about an hour on 2 CPU cores)
+    python bench.py --quick           # about 5 minutes
     python bench.py --json bench.json --plots docs/
     python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned, one run
 """
@@ -286,7 +286,7 @@ def main(argv=None):
                    "else none)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true", help="a small run (under 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a small run (about 5 minutes on 2 cores)")
     p.add_argument("--repeats", type=int, default=None, help="alternating repeats of the decode scenario (default 3, quick 1)")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
                    help="prompt lengths of the prefill scenario (default 256)")

@@ -8,7 +8,7 @@
 import pytest
 import torch
 
-from adept import (Confidence, FullDepth, Oracle, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
+from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
                    make_policy, model_id, router_features)
 from conftest import reference_forward
 from kv_cache import fill_decoupled, fill_sequential
@@ -27,6 +27,15 @@ class Pattern(Policy):
 
     def decide(self, model, i, pos, h, q, k, v):
         return self.exit_at[pos] == i
+
+
+class Oracle(Policy):
+    """Exits at the first layer whose argmax equals the full model's (target[pos]): it needs the answer."""
+    def __init__(self, target):
+        self.target = target
+
+    def decide(self, model, i, pos, h, q, k, v):
+        return model.head(h).argmax(-1) == self.target[pos]
 
 
 def prompt(model, n, seed=0):
