@@ -252,13 +252,13 @@ class RouterPolicy(Policy):
 class PromptPolicy(Policy):
     """Prefill with two targets. Of a prompt token only the K/V are read, by the tokens after it;
     the read position (the last prompt token, whose output starts generation) is read itself.
-    So tokens before `read` exit by `prompt`, and the read position by `policy`, the decode policy."""
+    So tokens before position `read` exit by `prompt`, those from it on by `policy`, the decode policy."""
     def __init__(self, prompt, policy, read):
         self.prompt, self.policy, self.read = prompt, policy, read
         self.min_layer = min(prompt.min_layer, policy.min_layer)
 
     def decide(self, model, i, pos, h, q, k, v):
-        n = len(pos) - (int(pos[-1]) == self.read)  # the read position is last among the active, if still active
+        n = int((pos < self.read).sum())  # the active positions ascend: the prompt's come first
         outs = [pol.decide(model, i, pos[s], h[s], q[s], k[s], v[s]) if i >= pol.min_layer and len(pos[s]) else None
                 for pol, s in ((self.prompt, slice(None, n)), (self.policy, slice(n, None)))]
         if outs[0] is None and outs[1] is None:
@@ -267,7 +267,7 @@ class PromptPolicy(Policy):
                           for o, m in zip(outs, (n, len(pos) - n))])
 
     def work(self, c, pos, e):
-        r = pos == self.read
+        r = pos >= self.read
         return self.prompt.work(c, pos[~r], e[~r]) + self.policy.work(c, pos[r], e[r])
 
 
