@@ -84,8 +84,9 @@ def skipped_kv(model, h, pos, layers, exit_layer):
     S, n = len(range(c.n_layers)[layers]), h.shape[0]
     if mu is None:
         x = F.rms_norm(h, (c.dim,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
-    else:  # layer l (0-based) reads h_e + mu[l] - mu[e]
-        x = F.rms_norm(h[None] + (mu[layers, None] - mu[exit_layer][None]), (c.dim,), None, c.norm_eps) * model.attn_norm[layers, None, :]
+    else:  # calibrated: layer l (0-based) reads h_e + mu[l] - mu[e]
+        h = h[None] + (mu[layers, None] - mu[exit_layer][None])                               # [S, n, D]
+        x = F.rms_norm(h, (c.dim,), None, c.norm_eps) * model.attn_norm[layers, None, :]
     kv = torch.bmm(x, model.wqkv[layers, :, c.q_dim:])                                      # [S, n, 2*kv_dim]
     k, v = kv.view(S, n, 2, c.n_kv_heads, c.head_dim).unbind(2)
     return model.rope(k, pos), v
