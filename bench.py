@@ -325,7 +325,7 @@ def main(argv=None):
     prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
     lengths = args.prefill_lengths or [256]
     lengths = sorted({n if n <= context else context // 2 for n in lengths})  # a tiny test model has a short context
-    # prefill documents of each text: (for every policy, for the gates: the first ones); the longer prompts: human only
+    # prefill documents of each text; the longer prompts: human only
     docs_at = lambda first: ({"human": 16, "generated": 4} if args.quick else {"human": 200, "generated": 32} if first else {"human": 50})
     # (model, policy, setting) -> (model, policy object); the tuned model gets full depth, static and its router (no gates)
     policies = {}
