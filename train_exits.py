@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kv_cache import skipped_kv
 from adept import DEFAULT_EXITS, DEFAULT_FILL, Router, RouterPolicy, check_range, load_fill, router_features
 from checkpoint import DTYPES, UserError, load, model_id
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, save_atomic
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
+from kv_cache import skipped_kv
 from tune_exits import load_tuning, tune_main
 
 
