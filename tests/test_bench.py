@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adept import FullDepth, Router, Static, Stats, model_id
+from adept import FullDepth, PromptPolicy, Router, Static, Stats, model_id
 from bench import LABELS, labelled_documents, prefill_last, run_prefill
 from evaluate import wilson
 
@@ -47,25 +47,31 @@ def test_classify_decides_among_the_label_tokens_at_the_read_position(tiny):
     model, *_ = tiny
     label_ids = [5, 9, 17]
     g = torch.Generator().manual_seed(1)
-    docs = [(torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist(), j % 3) for j, n in enumerate((20, 33, 41, 27))]
+    L = model.config.n_layers
+    docs = [(torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist(), j % 3, n - 5) for j, n in enumerate((20, 33, 41, 27))]
     with torch.no_grad():
-        logp = [model(torch.tensor([ids]))[0, -1, label_ids].float().log_softmax(-1) for ids, _ in docs]
-    out = run_prefill(model, docs, {("base", "static", 2): (model, Static(2, model.config.n_layers))}, label_ids)
+        logp = [model(torch.tensor([ids]))[0, -1, label_ids].float().log_softmax(-1) for ids, _, _ in docs]
+    document = PromptPolicy(Static(2, L), FullDepth(), "question")  # the last 5 tokens at full depth
+    out = run_prefill(model, docs, {("base", "static", 2): (model, Static(2, L)), ("base", "document-static", 2): (model, document)},
+                      label_ids)
     n, n_agree, _, m = out[("base", "full", None)]
-    correct = sum(int(lp.argmax()) == label for lp, (_, label) in zip(logp, docs))
+    correct = sum(int(lp.argmax()) == label for lp, (_, label, _) in zip(logp, docs))
     assert (n, n_agree) == (4, 4) and m["accuracy"] == m["full_accuracy"] == correct / 4
     assert m["margin"] == pytest.approx(sum(float(lp.topk(2).values[0] - lp.topk(2).values[1]) for lp in logp) / 4, abs=1e-5)
     assert out[("base", "static", 2)][3]["full_accuracy"] == correct / 4
+    assert out[("base", "document-static", 2)][2].mean_exit_layer == (2 * (121 - 20) + L * 20) / 121
 
 
 def test_labelled_documents_are_bbc_articles_with_the_question_in_the_chat_template(smollm):
     _, tok = smollm
     docs, label_ids = labelled_documents(tok, 64, 7)
-    assert [label for _, label in docs] == [0, 1, 2, 3, 4, 0, 1]  # the sections in turn
+    assert [label for _, label, _ in docs] == [0, 1, 2, 3, 4, 0, 1]  # the sections in turn
+    for ids, _, q in docs:  # the question's first position
+        assert tok.decode(ids[q:]).startswith("\n\nWhich section") and "Which section" not in tok.decode(ids[:q])
     assert [tok.decode([i]) for i in label_ids] == ["Business", "Enter", "Pol", "Sports", "Technology"]
     text = tok.decode(docs[0][0])
     assert text.startswith("<|im_start|>system") and text.endswith("Answer with one word.<|im_end|>\n<|im_start|>assistant\n")
-    assert all(len(ids) < 64 + 120 for ids, _ in docs) and len(LABELS) == 5
+    assert all(len(ids) < 64 + 120 for ids, _, _ in docs) and len(LABELS) == 5
 
 
 def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
