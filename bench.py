@@ -34,6 +34,7 @@ Held-out text that no training run in this project reads: the Python reference m
     python bench.py --quick           # about 5 minutes
     python bench.py --json bench.json --plots docs/
     python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned, one run
+    python bench.py --classify-only --json docs/bench-classify.json           # the classify scenario alone
 """
 import argparse
 import copy
