@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, DEFAULT_FILL, FullDepth, PromptPolicy, Stats, forward_tokens, generate, load_fill, make_policy, sync
+from adept import DEFAULT_EXITS, FullDepth, PromptPolicy, Stats, forward_tokens, generate, load_fill, make_policy, sync
 from checkpoint import DTYPES, load, model_id
 from convert import default_checkpoint
 from data import sample_batch
@@ -321,8 +321,7 @@ def main(argv=None):
 
     ckpt = args.checkpoint or default_checkpoint()
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
-    if not args.checkpoint and DEFAULT_FILL.is_file():
-        load_fill(model, DEFAULT_FILL)
+    load_fill(model)  # the shipped calibration, for the default model
     plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
     plain.fill_mu = None
     models = {"base": model} | ({"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {})

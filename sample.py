@@ -103,7 +103,7 @@ def main(argv=None):
         raise UserError("--prompt-exit-layer and --prompt-exits are two prompt policies; choose one")
     prompt_policy = (make_policy("static", model, exit_layer=args.prompt_exit_layer) if args.prompt_exit_layer is not None else
                      make_policy("router", model, exits=args.prompt_exits) if args.prompt_exits else None)
-    load_fill(model, args.fill or (DEFAULT_FILL if args.checkpoint is None and args.tuning is None and DEFAULT_FILL.is_file() else "plain"))
+    load_fill(model, args.fill)
     ids = tok.prompt(args.prompt, args.chat)
     print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in {time.perf_counter() - t0:.1f}s; "
           f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)

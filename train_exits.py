@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, DEFAULT_FILL, Router, RouterPolicy, check_range, load_fill, router_features
+from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, load_fill, router_features
 from checkpoint import DTYPES, UserError, load, model_id
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, save_atomic
@@ -268,7 +268,7 @@ def main(argv=None):
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     if args.tuning:
         load_tuning(model, args.tuning)
-    load_fill(model, args.fill or (DEFAULT_FILL if not (args.checkpoint or args.tuning or args.calibrate or args.tune) and DEFAULT_FILL.is_file() else "plain"))
+    load_fill(model, args.fill or ("plain" if args.tune else None))  # exit tuning trains with the plain fill, as the shipped delta was
     L = model.config.n_layers
     if args.min_layer is None:
         args.min_layer = min(12, L // 2)

@@ -81,6 +81,7 @@ def test_fill_files_round_trip_and_are_refused_for_other_weights(tiny, tmp_path,
     save_file({"mu": mu}, str(path), metadata={"base_model": model_id(model)})
     assert torch.equal(load_fill(model, path).fill_mu, mu)
     assert load_fill(model, "plain").fill_mu is None
+    assert load_fill(model).fill_mu is None  # the shipped calibration was measured on the default model, not this one
     save_file({"mu": mu}, str(path), metadata={"base_model": "another-model"})
     with pytest.raises(UserError, match="was measured on another-model, not on this model"):
         load_fill(model, path)
