@@ -158,11 +158,11 @@ def run_decode(model, prompts, n_new, policy, kv_fill="decoupled"):
 @torch.no_grad()
 def prefill_last(model, ids, policy, stats, label_ids=None, question=None):
     """Prefill ids with per-token exits: the read position's log-probs (over the vocabulary, or over the label
-    tokens) and the seconds it took. A prompt policy's decode policy takes over at the last position, or at the
-    question's first position for one whose read is "question"."""
+    tokens) and the seconds it took. A prompt policy here is a template whose read is "last" (its decode policy
+    takes over at the last position) or "question" (at the question's first position)."""
     t = torch.tensor(ids, device=model.tok_emb.device)
     if isinstance(policy, PromptPolicy):
-        policy = PromptPolicy(policy.prompt, policy.policy, question if policy.read == "question" else len(ids) - 1)
+        policy = PromptPolicy(policy.prompt, policy.policy, {"last": len(ids) - 1, "question": question}[policy.read])
     t0 = time.perf_counter()
     logits, _ = forward_tokens(model, t, 0, model.new_cache(1, len(ids)), policy, stats)
     sync(t.device)
@@ -351,14 +351,14 @@ def main(argv=None):
     # prefill only: the tokens before the read position by a prompt policy, the read position at full depth
     prompt_exits = args.prompt_exits or (DEFAULT_EXITS.with_suffix(".prompt.safetensors") if not args.checkpoint else None)
     depths = sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if args.quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
-    prompt_pols = {(which, "prompt-static", k): (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), 0))
+    prompt_pols = {(which, "prompt-static", k): (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), "last"))
                    for k in depths for which, m in (("base", model), ("plain fill", plain)) if which == "base" or m.fill_mu is not model.fill_mu}
     # classify only: the article's tokens exit at k; the question, the chat template's end and the read position run full depth
     prompt_pols |= {("base", "document-static", k): (model, PromptPolicy(make_policy("static", model, exit_layer=k), FullDepth(), "question"))
                     for k in depths}
     if prompt_exits and Path(prompt_exits).is_file():
         prompt_pols |= {("base", "prompt-router", t): (model, PromptPolicy(make_policy("router", model, threshold=t, exits=prompt_exits),
-                                                                             FullDepth(), 0)) for t in (0.4, 0.45, 0.5, 0.52)}
+                                                                             FullDepth(), "last")) for t in (0.4, 0.45, 0.5, 0.52)}
     setting = lambda which, name, s: float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
     full = (("base", "full", None), (model, FullDepth()))  # the reference, run before the others each time
     t0 = time.time()
