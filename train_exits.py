@@ -308,7 +308,7 @@ def main(argv=None):
         print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
               f"mean T by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
         torch.manual_seed(args.seed)
-        router = Router(model.config.n_layers, feats.shape[2], args.hidden)
+        router = Router(model.config, args.hidden)
         router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
         train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt")
         router.to(model.tok_emb.device, model.tok_emb.dtype)

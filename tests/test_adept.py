@@ -190,13 +190,13 @@ def test_thresholds_out_of_range_are_refused(tiny):
     with pytest.raises(UserError, match="--min-layer 0 is out of range"):
         make_policy("confidence", model, min_layer=0)
     with pytest.raises(UserError, match="router threshold 2.0 is out of range"):
-        RouterPolicy(Router(L, 10), 2.0)
+        RouterPolicy(Router(model.config), 2.0)
 
 
 def random_router(model, seed=0):
     """A router with random standardisation and weights, so that folding has something to fold."""
     c = model.config
-    r = Router(c.n_layers, c.dim + c.q_dim + 2 * c.kv_dim)
+    r = Router(c)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for t in (r.mu, r.b1, r.w2, r.b2):
@@ -245,7 +245,7 @@ def test_cost_counters_follow_the_exit_layers(tiny):
 
 def router_file(model, path, **meta):
     c = model.config
-    r = Router(c.n_layers, 2 * c.dim + 2 * c.kv_dim)
+    r = Router(c)
     r.save(path, {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim, "threshold": 0.7,
                   "lam": 1.0, "beta": 1.0} | meta)
     return r

@@ -77,7 +77,7 @@ def test_labelled_documents_are_bbc_articles_with_the_question_in_the_chat_templ
 def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
     model, *_, ckpt = tiny
     c = model.config
-    router = Router(c.n_layers, 2 * c.dim + 2 * c.kv_dim)
+    router = Router(c)
     router.save(tmp_path / "r.safetensors", {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim,
                                               "threshold": 0.5, "min_layer": 2, "lam": 4.0, "beta": 1.0})
     out = tmp_path / "bench.json"

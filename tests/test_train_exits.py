@@ -26,7 +26,7 @@ def tiny_targets(tiny, n_seqs=6, length=24):
     g = torch.Generator().manual_seed(5)
     seqs = [(torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist(), 4) for _ in range(n_seqs)]
     feats, T = targets(model, seqs)
-    router = Router(model.config.n_layers, feats.shape[2], hidden=8)
+    router = Router(model.config, hidden=8)
     router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
     return model, router, feats, preference_labels(T, 4.0, 1.0), T
 
@@ -50,7 +50,7 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tiny, tmp_path):
     _, base, feats, labels, _ = tiny_targets(tiny)
 
     def copy():
-        r = Router(*base.w1.shape[:2], hidden=8)
+        r = Router(tiny[0].config, hidden=8)
         r.load_state_dict(base.state_dict())
         return r
     a, b = copy(), copy()

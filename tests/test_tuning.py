@@ -122,7 +122,7 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
     assert model_id(tuned) != base_id and tuned.tuning["rank"] == "4"
     # a router trained on the base model is refused on the tuned one, and the other way round
     c = tuned.config
-    Router(c.n_layers, 2 * c.dim + 2 * c.kv_dim).save(tmp_path / "r.safetensors", {
+    Router(c).save(tmp_path / "r.safetensors", {
         "base_model": base_id, "n_layers": c.n_layers, "dim": c.dim, "threshold": 0.5, "lam": 4.0, "beta": 1.0})
     with pytest.raises(UserError, match="not for this model"):
         Router.load(tmp_path / "r.safetensors", tuned)
