@@ -279,14 +279,14 @@ class Tokenizer:
         try:
             if (ckpt / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer as HFTokenizer
-                self.tok, self.kind = HFTokenizer.from_file(str(ckpt / "tokenizer.json")), "tokenizers"
+                self.tok = HFTokenizer.from_file(str(ckpt / "tokenizer.json"))
                 self._encode = lambda s: self.tok.encode(s, add_special_tokens=False).ids
                 self.decode = lambda ids: self.tok.decode(list(ids), skip_special_tokens=False)
                 self.id_of = self.tok.token_to_id
                 add_bos_default = False
             elif (ckpt / "tokenizer.model").is_file():
                 import sentencepiece as spm
-                self.tok, self.kind = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model")), "sentencepiece"
+                self.tok = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
                 self._encode = self.sp_encode
                 self.decode = lambda ids: self.tok.decode(list(ids))
                 self.id_of = lambda s: self.tok.piece_to_id(s) if self.tok.id_to_piece(self.tok.piece_to_id(s)) == s else None
@@ -322,10 +322,6 @@ class Tokenizer:
         if not isinstance(t, str):
             raise UserError("tokenizer_config.json chat_template must be a string or a list of named templates")
         self.chat_template = t
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size() if self.kind == "tokenizers" else self.tok.get_piece_size()
 
     def sp_encode(self, text):
         """sentencepiece reads "<s>" in text as three characters; a rendered chat template writes BOS/EOS

@@ -38,10 +38,6 @@ class KVCache:
         track = CHECK_WRITES or mask_unwritten
         self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if track else None
 
-    @property
-    def max_len(self):
-        return self.k.shape[3]
-
     def write(self, i, pos, k, v):
         """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n]."""
         self.k[i][:, :, pos] = k.transpose(1, 2)
