@@ -413,12 +413,13 @@ def load_fill(model, path=None):
     """Calibrate the model's KV fill (kv_cache.py) with a file from train_exits.py --calibrate, refusing one
     measured on other weights; 'plain' leaves the fill uncorrected; None takes the shipped file where it was
     measured on this model's weights, else plain."""
-    if str(path) == "plain" or (path is None and not DEFAULT_FILL.is_file()):
+    shipped, path = path is None, DEFAULT_FILL if path is None else path
+    if str(path) == "plain" or (shipped and not path.is_file()):
         model.fill_mu = None
         return model
-    meta, tensors = read_artifact(path or DEFAULT_FILL, "fill calibration", "make one with train_exits.py --calibrate or pass --fill plain")
+    meta, tensors = read_artifact(path, "fill calibration", "make one with train_exits.py --calibrate or pass --fill plain")
     if meta.get("base_model") != model_id(model):
-        if path is None:  # the shipped calibration belongs to another model
+        if shipped:  # the shipped calibration belongs to another model
             return load_fill(model, "plain")
         raise UserError(f"fill calibration {path} was measured on {meta.get('base_model')}, not on this model, "
                         f"{model_id(model)}; make one with train_exits.py --calibrate or pass --fill plain")
