@@ -209,14 +209,14 @@ def bench_fill(model, exit_layer, repeats):
     """Seconds to fill the skipped layers' K/V of one token exiting at exit_layer: decoupled vs sequential."""
     cache = model.new_cache(1, 8)
     h = torch.randn(1, model.config.dim, dtype=model.tok_emb.dtype, device=model.tok_emb.device)
-    pos, e = torch.tensor([5], device=h.device), torch.tensor([exit_layer], device=h.device)
+    pos = torch.tensor([5], device=h.device)
     out = {}
     with torch.no_grad():
         for name, fill in (("decoupled", fill_decoupled), ("sequential", fill_sequential)):
             times = []
             for r in range(repeats + 5):  # 5 warm-up calls
                 t0 = time.perf_counter()
-                fill(cache, model, h, pos, e)
+                fill(cache, model, h, pos, exit_layer)
                 times.append(time.perf_counter() - t0)
             out[name] = statistics.median(times[5:])
     return out

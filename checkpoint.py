@@ -254,16 +254,23 @@ def model_id(model):
     return f"{getattr(model, 'name', 'model')}:{model.fingerprint[:12]}"
 
 
-def read_artifact(path, what, fix):
-    """(metadata, tensors) of a safetensors file this project wrote (a router or a delta), or one clear error."""
+def read_artifact(path, what, fix, model=None):
+    """(metadata, tensors) of a safetensors file this project wrote (a router, a fill calibration, a delta), or one
+    clear error: unreadable, holding anything but finite floats, or (with `model`) made for other weights."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise UserError(f"{what} file {path} not found; {fix}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable {what} file ({e})") from None
+    if model is not None and meta.get("base_model") != model_id(model):
+        raise UserError(f"{what} {path} was made for {meta.get('base_model')}, not for this model, {model_id(model)}; {fix}")
+    bad = [k for k, t in tensors.items() if not t.is_floating_point() or not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{path} is damaged: tensor {bad[0]} is not all finite floats; {fix}")
+    return meta, tensors
 
 
 # ----------------------------------------------------------------------------- tokenizer and chat template

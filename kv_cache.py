@@ -39,9 +39,10 @@ class KVCache:
         self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if track else None
 
     def write(self, i, pos, k, v):
-        """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n]."""
-        self.k[i][:, :, pos] = k.transpose(1, 2)
-        self.v[i][:, :, pos] = v.transpose(1, 2)
+        """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n] (i a slice of S layers:
+        k, v [S, B, n, n_kv_heads, head_dim])."""
+        self.k[i][..., pos, :] = k.transpose(-3, -2)
+        self.v[i][..., pos, :] = v.transpose(-3, -2)
         if self.written is not None:
             self.written[i, pos] = True
 
@@ -68,54 +69,33 @@ class SequenceCache:
         return self.k[:, :, :end], self.v[:, :, :end], None
 
 
-def skipped_kv(model, h, pos, layers, exit_layer):
-    """K (roped) and V of hidden states h [n, D] at positions pos [n], as the given layers would make them.
-
-    layers: a slice of layer indices (0-based); exit_layer [n]: each token's e. Returns k, v:
-    [len(layers), n, n_kv_heads, head_dim]. Without calibration RMSNorm's 1/rms(h) is the same
-    for every layer, so h is normalised once and only each layer's norm weight is applied per
-    layer; then one bmm projects through all of them.
+def skipped_kv(model, h, pos, e):
+    """K (roped) and V that layers e+1..L would make of hidden states h [n, D] at positions pos [n]:
+    [L - e, n, n_kv_heads, head_dim] each. RMSNorm's 1/rms(h) is the same for every layer, so
+    without calibration h is normalised once and only each layer's norm weight differs; then one
+    bmm projects through all the skipped layers' K/V weights at once.
     """
     c, mu = model.config, model.fill_mu
-    S, n = len(range(c.n_layers)[layers]), h.shape[0]
-    if mu is None:
-        x = F.rms_norm(h, (c.dim,), None, c.norm_eps)[None] * model.attn_norm[layers, None, :]  # [S, n, D]
-    else:  # calibrated: layer l (0-based) reads h_e + mu[l] - mu[e]
-        h = h[None] + (mu[layers, None] - mu[exit_layer][None])                               # [S, n, D]
-        x = F.rms_norm(h, (c.dim,), None, c.norm_eps) * model.attn_norm[layers, None, :]
-    kv = torch.bmm(x, model.wqkv[layers, :, c.q_dim:])                                      # [S, n, 2*kv_dim]
-    k, v = kv.view(S, n, 2, c.n_kv_heads, c.head_dim).unbind(2)
+    h = h[None] if mu is None else h[None] + (mu[e:c.n_layers, None] - mu[e])   # [1 or S, n, D]; calibrated: h_e + mu[l] - mu[e]
+    x = F.rms_norm(h, (c.dim,), None, c.norm_eps) * model.attn_norm[e:, None]    # [S, n, D]
+    k, v = torch.bmm(x, model.wqkv[e:, :, c.q_dim:]).unflatten(-1, (2, c.n_kv_heads, c.head_dim)).unbind(2)
     return model.rope(k, pos), v
 
 
-def fill_decoupled(cache, model, h, pos, exit_layer):
-    """ADEPT's fill: K/V of every skipped layer of every exiting token, in one batched operation.
+def fill_decoupled(cache, model, h, pos, e):
+    """ADEPT's fill: the K/V of every skipped layer of tokens that exit after layer e, in one batched operation.
 
-    h: [n, D], the hidden states of n tokens (batch row 0) at positions pos [n], where
-    token j exited after exit_layer[j] layers (LongTensor [n], 1..L). Layers are
-    0-indexed in the cache, so token j's skipped layers are exit_layer[j]..L-1.
+    h: [n, D], the exit hidden states of n tokens (batch row 0) at positions pos [n]. Layers are
+    0-indexed in the cache, so the skipped layers are e..L-1.
     """
-    L = model.config.n_layers
-    first = int(exit_layer.min())
-    if first >= L:
-        return
-    k, v = skipped_kv(model, h, pos, slice(first, L), exit_layer)    # [S, n, kv_heads, hd]
-    layer = torch.arange(first, L, device=h.device)[:, None].expand(-1, len(pos))
-    p = pos[None].expand_as(layer)
-    keep = layer >= exit_layer[None]                                  # [S, n]: a layer token j skipped
-    layer, p = layer[keep], p[keep]
-    cache.k[layer, 0, :, p] = k[keep]                                 # [M, kv_heads, hd]
-    cache.v[layer, 0, :, p] = v[keep]
-    if cache.written is not None:
-        cache.written[layer, p] = True
+    k, v = skipped_kv(model, h, pos, e)
+    cache.write(slice(e, None), pos, k[:, None], v[:, None])  # [S, B=1, n, kv_heads, hd]
 
 
-def fill_sequential(cache, model, h, pos, exit_layer):
-    """Reference for `fill_decoupled`: each token, each skipped layer, one after another."""
+def fill_sequential(cache, model, h, pos, e):
+    """Reference for `fill_decoupled`: the same formula, one skipped layer after another."""
     c, mu = model.config, model.fill_mu
-    for j in range(len(pos)):
-        p, e = pos[j:j + 1], int(exit_layer[j])
-        for i in range(e, c.n_layers):
-            x = F.rms_norm(h[j] if mu is None else h[j] + (mu[i] - mu[e]), (c.dim,), model.attn_norm[i], c.norm_eps)
-            k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, 1, 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n=1, ...]
-            cache.write(i, p, model.rope(k, p), v)
+    for i in range(e, c.n_layers):
+        x = F.rms_norm(h if mu is None else h + (mu[i] - mu[e]), (c.dim,), model.attn_norm[i], c.norm_eps)
+        k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, len(pos), 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n, ...]
+        cache.write(i, pos, model.rope(k, pos), v)

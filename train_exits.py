@@ -114,7 +114,7 @@ def prompt_targets(model, seqs):
         rel = lambda x, y: (x - y).flatten(2).norm(dim=-1) / y.flatten(2).norm(dim=-1).clamp(min=1e-6)  # [S, n]
         E = torch.zeros(L, n, device=dev)  # E[L-1] = 0: full depth fills nothing
         for i in range(1, L):  # exit after layer i: blocks i..L-1 are filled from h_i
-            kf, vf = skipped_kv(model, hs[i - 1][0][0], pos, slice(i, L), torch.full((n,), i, device=dev))
+            kf, vf = skipped_kv(model, hs[i - 1][0][0], pos, i)
             E[i - 1] = (weight[i:] * (rel(kf, k[i:]) + rel(vf, v[i:])) / 2).sum(0)
         feats.append(torch.stack([router_features(model, h[0], q[0], k[0], v[0]) for h, q, k, v in hs[:-1]]))
         T.append(-E)

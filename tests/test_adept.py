@@ -7,6 +7,7 @@
 """
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
                    make_policy, model_id, router_features)
@@ -105,8 +106,9 @@ def test_decoupled_fill_equals_sequential_fill(request, which):
     exit_layer[0] = 1  # skips every layer but the first
     a, b = model.new_cache(1, 16), model.new_cache(1, 16)
     with torch.no_grad():
-        fill_decoupled(a, model, h, pos, exit_layer)
-        fill_sequential(b, model, h, pos, exit_layer)
+        for e in exit_layer.unique().tolist():  # the tokens that exit after layer e, together
+            fill_decoupled(a, model, h[exit_layer == e], pos[exit_layer == e], e)
+            fill_sequential(b, model, h[exit_layer == e], pos[exit_layer == e], e)
     assert torch.equal(a.written, b.written)
     for j, p in enumerate(pos.tolist()):  # exactly the skipped layers of each token were written
         assert a.written[:, p].tolist() == [i >= int(exit_layer[j]) for i in range(L)]
@@ -266,11 +268,12 @@ def test_router_file_round_trips_and_runs(tiny, tmp_path):
 def test_router_for_another_model_is_refused(tiny, tmp_path):
     model, *_ = tiny
     router_file(model, tmp_path / "other.safetensors", base_model="SmolLM2-1.7B:0123456789ab")
-    with pytest.raises(UserError, match="was trained for SmolLM2-1.7B.* not for this model"):
+    with pytest.raises(UserError, match="was made for SmolLM2-1.7B.* not for this model"):
         Router.load(tmp_path / "other.safetensors", model)
-    router_file(model, tmp_path / "deeper.safetensors", n_layers=32)
-    with pytest.raises(UserError, match="32 layers"):
-        Router.load(tmp_path / "deeper.safetensors", model)
+    r = router_file(model, tmp_path / "other-features.safetensors")
+    save_file(r.state_dict(), str(tmp_path / "other-features.safetensors"), metadata=r.meta | {"features": "h|q"})
+    with pytest.raises(UserError, match="uses features"):
+        Router.load(tmp_path / "other-features.safetensors", model)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable router file"):
         Router.load(tmp_path / "junk.safetensors", model)

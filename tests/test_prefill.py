@@ -33,7 +33,8 @@ def filled(model, mu, fill):
     model.fill_mu, cache = mu, model.new_cache(1, 16)
     try:
         with torch.no_grad():
-            fill(cache, model, h, pos, exit_layer)
+            for e in exit_layer.unique().tolist():
+                fill(cache, model, h[exit_layer == e], pos[exit_layer == e], e)
     finally:
         model.fill_mu = None
     slots = lambda t: t.permute(0, 3, 1, 2, 4)[cache.written]  # [L, T, B, kv_heads, hd] -> written slots
@@ -83,7 +84,7 @@ def test_fill_files_round_trip_and_are_refused_for_other_weights(tiny, tmp_path,
     assert load_fill(model, "plain").fill_mu is None
     assert load_fill(model).fill_mu is None  # the shipped calibration was measured on the default model, not this one
     save_file({"mu": mu}, str(path), metadata={"base_model": "another-model"})
-    with pytest.raises(UserError, match="was measured on another-model, not on this model"):
+    with pytest.raises(UserError, match="was made for another-model, not for this model"):
         load_fill(model, path)
     save_file({"mu": mu[1:].contiguous()}, str(path), metadata={"base_model": model_id(model)})
     with pytest.raises(UserError, match="is damaged"):

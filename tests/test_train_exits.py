@@ -90,7 +90,7 @@ def test_router_for_another_model_is_refused(tiny, tmp_path):
     path = tmp_path / "other.safetensors"
     router.save(path, {"base_model": "another-model:feedfacecafe", "n_layers": model.config.n_layers,
                        "dim": model.config.dim, "threshold": 0.5, "lam": 4.0, "beta": 1.0})
-    with pytest.raises(UserError, match="was trained for another-model"):
+    with pytest.raises(UserError, match="was made for another-model"):
         Router.load(path, model)
 
 
