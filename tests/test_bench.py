@@ -99,7 +99,7 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
         if rec["policy"] == "full":
             assert rec["agreement"] == 1 and rec["mean_exit_layer"] == c.n_layers
         if rec["scenario"].startswith("prefill"):
-            assert rec["tokens_per_s"] > 0 and rec["speedup"] > 0 and rec["kl"] >= 0
+            assert rec["tokens_per_s"] > 0 and rec["speedup"] > 0 and rec["kl"] >= -1e-6  # KL >= 0 up to float rounding
         if rec["scenario"] == "decode-tf":
             assert rec["ppl"] > 1 and rec["full_ppl"] > 1
     prefill = {(rec["text"], rec["policy"]): rec["n"] for rec in records if rec["scenario"] == "prefill-64"}
