@@ -124,10 +124,8 @@ class Confidence(Policy):
     Evaluating the head costs D*vocab MACs per token and layer, counted as router work.
     """
     def __init__(self, threshold, min_layer=1, entropy=False, vocab_size=None):
-        if entropy:
-            check_range("entropy threshold (nats)", threshold, 0.0, float(torch.log(torch.tensor(float(vocab_size)))))
-        else:
-            check_range("confidence threshold", threshold, 0.0, 1.0)
+        what, hi = ("entropy threshold (nats)", math.log(vocab_size)) if entropy else ("confidence threshold", 1.0)
+        check_range(what, threshold, 0.0, hi)
         self.threshold, self.min_layer, self.entropy = threshold, min_layer, entropy
 
     def decide(self, model, i, pos, h, q, k, v):

@@ -38,12 +38,10 @@ Held-out text that no training run in this project reads: the Python reference m
 """
 import argparse
 import copy
-import hashlib
 import importlib.util
 import itertools
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -56,7 +54,7 @@ import torch.nn.functional as F
 from adept import DEFAULT_EXITS, FullDepth, PromptPolicy, Stats, forward_tokens, generate, load_fill, make_policy, sync
 from checkpoint import DTYPES, load, model_id
 from convert import default_checkpoint
-from data import sample_batch
+from data import generated_text
 from evaluate import check_output, evaluate, full_reference, record
 from kv_cache import fill_decoupled, fill_sequential
 from model import UserError
@@ -112,21 +110,13 @@ def labelled_documents(tok, n_tokens, count):
     return [(ids, j, question(ids)) for ids, j in prompts], label_ids
 
 
-def generated_documents(model, tok, n_tokens, count, runs=Path("runs")):
-    """`count` texts of exactly n_tokens (chat prompt + answer, sampled at temperature 0.7 past the end of the
-    turn) that the model writes from GEN_PROMPTS; cached in runs/. Returns [(ids, prompt length)]."""
-    prompts = [tok.prompt(p) for p in GEN_PROMPTS]
-    key = hashlib.sha1(json.dumps([model_id(model), n_tokens, prompts]).encode()).hexdigest()[:12]
-    path = runs / f"bench-generated-{key}.json"
-    docs = json.loads(path.read_text()) if path.is_file() else []
-    while len(docs) < count:  # whole batches of every prompt, batch b seeded with b: a longer run extends a shorter one
-        outs = sample_batch(model, prompts, n_tokens - min(map(len, prompts)), eos_ids=set(), seed=len(docs) // len(prompts))
-        docs += [((p + o)[:n_tokens], len(p)) for p, o in zip(prompts, outs)]
-        print(f"\rgenerating held-out text: {len(docs)}/{count}", end="", file=sys.stderr, flush=True)
-        runs.mkdir(exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(docs))
-        os.replace(path.with_suffix(".tmp"), path)
-    return [tuple(d) for d in docs[:count]]
+def generated_documents(model, tok, n_tokens, count):
+    """`count` texts of exactly n_tokens (chat prompt + answer, sampled past the end of the turn) that the model
+    writes from GEN_PROMPTS, one batch of them per seed. Returns [(ids, prompt length)]."""
+    n_new = n_tokens - min(len(tok.prompt(p)) for p in GEN_PROMPTS)
+    docs = [(ids[:n_tokens], n) for seed in range(-(-count // len(GEN_PROMPTS)))
+            for ids, n in generated_text(model, tok, seed, n_new, prompts=(GEN_PROMPTS, []), stop=False)]
+    return docs[:count]
 
 
 @torch.no_grad()

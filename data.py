@@ -133,18 +133,19 @@ def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7,
     return out
 
 
-def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=(CHAT_PROMPTS, PLAIN_PROMPTS)):
+def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=(CHAT_PROMPTS, PLAIN_PROMPTS), stop=True):
     """(ids, prompt length) of text the model writes itself from (chat, plain) prompts, cached in `runs/`
-    under a key of everything that determines it (minutes of sampling on a CPU)."""
+    under a key of everything that determines it (minutes of sampling on a CPU). stop=False samples past
+    the end of each turn: every text then has exactly max_new_tokens."""
     prompts = [tok.prompt(p) for p in prompts[0]] + [tok.encode(p) for p in prompts[1]]
-    key = hashlib.sha1(json.dumps([model_id(model), seed, max_new_tokens, prompts]).encode()).hexdigest()[:12]
-    path = runs / f"generated-{key}.json"
+    key = hashlib.sha1(json.dumps([model_id(model), seed, max_new_tokens, prompts] + ([] if stop else ["past the end"])).encode())
+    path = runs / f"generated-{key.hexdigest()[:12]}.json"
     if path.is_file():
         return json.loads(path.read_text())
     gen = []
     for b in range(0, len(prompts), 16):
         batch = prompts[b:b + 16]
-        for ids, toks in zip(batch, sample_batch(model, batch, max_new_tokens, tok.eos_ids, seed + b)):
+        for ids, toks in zip(batch, sample_batch(model, batch, max_new_tokens, tok.eos_ids if stop else set(), seed + b)):
             if len(toks) >= 8:
                 gen.append([ids + toks, len(ids)])  # as JSON gives it back
         print(f"\rgenerating text: {min(b + 16, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)

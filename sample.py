@@ -26,20 +26,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap the prompt in the model's chat template (default: on when the tokenizer has one)")
-    p.add_argument("--policy", choices=POLICIES, default=None,
-                   help="exit policy (default: router when a router for the model exists, else full)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="use the model's chat template (default: if it has one)")
+    p.add_argument("--policy", choices=POLICIES, help="exit policy (default: router if one exists for the model, else full)")
     p.add_argument("--tuning", help="merge this exit-tuning delta (train_exits.py --tune) into the model; use a router trained for it")
     p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
     p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")
     p.add_argument("--exit-layer", type=int, default=None, help="the layer of the static policy (default 24)")
-    p.add_argument("--prompt-exit-layer", type=int, default=None, help="prompt tokens before the last exit at this layer "
-                   "(their K/V are all that is read of them); default: the prompt follows --policy")
+    p.add_argument("--prompt-exit-layer", type=int, help="prompt tokens before the last exit here (default: by --policy)")
     p.add_argument("--prompt-exits", help="a router for prompt tokens (train_exits.py --target prompt) instead")
-    p.add_argument("--fill", help="fill calibration (train_exits.py --calibrate), or 'plain' for the uncorrected fill "
-                   f"(default: {DEFAULT_FILL.relative_to(DEFAULT_FILL.parent.parent)} for the default model)")
+    p.add_argument("--fill", help=f"fill calibration from train_exits.py --calibrate, or 'plain' (default: {DEFAULT_FILL.name})")
     p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")
     p.add_argument("--no-color", action="store_true", help="plain text with [depth] after each token")
     return p.parse_args(argv)
