@@ -25,7 +25,6 @@ Scenarios (docs/RESULTS.md documents the record schema of --json):
                template's end and the read position run full depth
   kv-*         the router's decode with the skipped layers' K/V filled sequentially or left
                empty (masked out), against ADEPT's decoupled fill
-  kv_fill      the fill itself for one token exiting at layer 10: decoupled vs sequential
 
 Held-out text that no training run in this project reads: the Python reference manual
 (`pydoc_data.topics`, shipped with CPython), text the model generates from GEN_PROMPTS, BBC News.
@@ -55,8 +54,7 @@ from adept import DEFAULT_EXITS, FullDepth, PromptPolicy, Stats, forward_tokens,
 from checkpoint import DTYPES, load, model_id
 from convert import default_checkpoint
 from data import generated_text
-from evaluate import check_output, evaluate, full_reference, record
-from kv_cache import fill_decoupled, fill_sequential
+from evaluate import check_output, evaluate, full_reference, record, report
 from model import UserError
 from tune_exits import load_tuning
 
@@ -193,23 +191,6 @@ def identical(tokens, full_tokens):
     """(tokens compared, tokens identical) position by position."""
     pairs = [(a, b) for t, f in zip(tokens, full_tokens) for a, b in zip(t, f)]
     return len(pairs), sum(a == b for a, b in pairs)
-
-
-def bench_fill(model, exit_layer, repeats):
-    """Seconds to fill the skipped layers' K/V of one token exiting at exit_layer: decoupled vs sequential."""
-    cache = model.new_cache(1, 8)
-    h = torch.randn(1, model.config.dim, dtype=model.tok_emb.dtype, device=model.tok_emb.device)
-    pos = torch.tensor([5], device=h.device)
-    out = {}
-    with torch.no_grad():
-        for name, fill in (("decoupled", fill_decoupled), ("sequential", fill_sequential)):
-            times = []
-            for r in range(repeats + 5):  # 5 warm-up calls
-                t0 = time.perf_counter()
-                fill(cache, model, h, pos, exit_layer)
-                times.append(time.perf_counter() - t0)
-            out[name] = statistics.median(times[5:])
-    return out
 
 
 GATES = ("confidence", "entropy")  # they run the LM head at every layer: measured on fewer documents
@@ -407,27 +388,16 @@ def main(argv=None):
                     for (which, name, s), r in out.items()]
         print(f"{scenario}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
-    fill = bench_fill(model, min(10, L - 1), 50 if args.quick else 200)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
           f"greedy tokens, each paired with full depth just before it, median of {repeats} pairs; n = scored tokens (decode) or prompts (prefill); "
           f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval\n")
-    print("| scenario | text | model | policy | setting | n | mean exit layer | compute saved | tokens/s | speed-up | ideal | agreement [95% CI] | KL | ppl | full's ppl | accuracy | margin |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    fmt = lambda r, k, f: format(r[k], f) if k in r else ""
-    for r in records:
-        print(f"| {r['scenario']} | {r['text']} | {r['model']} | {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['n']} | "
-              f"{r['mean_exit_layer']:.1f} | {r['compute_saved']:.0%} | {fmt(r, 'tokens_per_s', '.1f')} | "
-              f"{fmt(r, 'speedup', '.2f')} | {r['ideal_speedup']:.2f} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
-              f"{fmt(r, 'kl', '.3f')} | {fmt(r, 'ppl', '.2f')} | {fmt(r, 'full_ppl', '.2f')} | {fmt(r, 'accuracy', '.1%')} | {fmt(r, 'margin', '.2f')} |")
-    print(f"\nKV fill of one token exiting at layer {min(10, L - 1)} of {L}: decoupled {fill['decoupled'] * 1e6:.0f} us, "
-          f"sequential {fill['sequential'] * 1e6:.0f} us: {fill['sequential'] / fill['decoupled']:.1f}x faster")
+    print(report(records))
     if args.json:
         meta = {"command": command, "model": model.name, "base_model": model_id(model), "tuning": args.tuning,
                 "exits": {k: v and str(v) for k, v in exits.items()}, "dtype": args.dtype,
-                "device": args.device, "machine": machine, "repeats": repeats, "seconds": round(time.time() - t0),
-                "kv_fill": {**fill, "speedup": fill["sequential"] / fill["decoupled"]}}
+                "device": args.device, "machine": machine, "repeats": repeats, "seconds": round(time.time() - t0)}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     if args.plots:
         plots(records, model, tok, policies.get(("base", "router", None), (0, make_policy("static", model)))[1], Path(args.plots))

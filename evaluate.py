@@ -93,18 +93,21 @@ def sweep(model, router, seqs, scenario, gates=GATES, base=None):
     return rows
 
 
+# The columns of a report: (record key, heading, format); a report shows those that any of its records has.
+COLUMNS = [("scenario", "scenario", "{}"), ("text", "text", "{}"), ("model", "model", "{}"), ("policy", "policy", "{}"),
+           ("setting", "setting", "{}"), ("n", "n", "{}"), ("mean_exit_layer", "mean exit layer", "{:.1f}"),
+           ("compute_saved", "compute saved", "{:.1%}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
+           ("ideal_speedup", "ideal", "{:.2f}"), ("agreement", "agreement [95% CI]", "{:.1%}"), ("kl", "KL", "{:.3f}"),
+           ("ppl", "ppl", "{:.2f}"), ("full_ppl", "full's ppl", "{:.2f}"), ("accuracy", "accuracy", "{:.1%}"), ("margin", "margin", "{:.2f}")]
+
+
 def report(records):
-    """A markdown table per scenario."""
-    lines = []
-    for sc in dict.fromkeys(r["scenario"] for r in records):
-        rows = [r for r in records if r["scenario"] == sc]
-        lines += [f"\n### {sc} (n = {rows[0]['n']} tokens)\n",
-                  f"| policy | setting | mean exit layer | compute saved | argmax agreement [95% CI] | KL | ppl (full: {rows[0]['full_ppl']:.1f}) |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {'' if r['setting'] is None else r['setting']} | {r['mean_exit_layer']:.1f} | "
-                  f"{r['compute_saved']:.1%} | {r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}] | "
-                  f"{r['kl']:.3f} | {r['ppl']:.1f} |" for r in rows]
-    return "\n".join(lines)
+    """One markdown table of records, a row each."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in records)]
+    cell = lambda r, k, f: "" if r.get(k) is None else f.format(r[k]) + (
+        f" [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}]" if k == "agreement" else "")
+    rows = [[cell(r, k, f) for k, _, f in cols] for r in records]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [[h for _, h, _ in cols], ["---"] * len(cols), *rows])
 
 
 def check_output(path, what, folder=False):
