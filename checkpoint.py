@@ -131,11 +131,10 @@ def read_rope(d):
     rope_theta and the scaling parameters) or the older top-level `rope_theta` + `rope_scaling`. When both
     are present the new layout wins."""
     p = get(d, "rope_parameters", dict, None)
-    if p is not None and p and all(isinstance(v, dict) for v in p.values()):
-        raise UserError(f"config.json gives RoPE parameters per layer type ({', '.join(p)}), which is not implemented here")
-    where = "rope_parameters" if p is not None else "rope_scaling"
-    s = p if p is not None else get(d, "rope_scaling", dict, {})
-    theta = get(p if p is not None and "rope_theta" in p else d, "rope_theta", float, 10000.0)
+    where, s = ("rope_parameters", p) if p is not None else ("rope_scaling", get(d, "rope_scaling", dict, {}))
+    if s and all(isinstance(v, dict) for v in s.values()):
+        raise UserError(f"config.json gives RoPE parameters per layer type ({', '.join(s)}), which is not implemented here")
+    theta = get(s if "rope_theta" in s else d, "rope_theta", float, 10000.0)
     kind = s.get("rope_type") or s.get("type") or "default"
     if kind not in ROPE_PARAMS:
         raise UserError(f"{where} type {kind!r} is not implemented (supported: {', '.join(ROPE_PARAMS)})")

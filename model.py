@@ -156,6 +156,5 @@ def rope_inv_freq(c: Config) -> torch.Tensor:
     # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between
     factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
-    smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0, 1)
-    return torch.where(wavelen > orig / lo, inv / factor,
-                       torch.where(wavelen < orig / hi, inv, (1 - smooth) * inv / factor + smooth * inv))
+    smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 beyond orig / lo, 1 below orig / hi
+    return (1 - smooth) * inv / factor + smooth * inv

@@ -41,33 +41,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def colour(depth, n_layers):
-    """ANSI 256-colour background from green (shallow exit) to red (full depth)."""
-    x = (depth - 1) / max(n_layers - 1, 1)
-    r, g = round(5 * x), round(5 * (1 - x))
-    return f"\033[48;5;{16 + 36 * r + 6 * g}m\033[38;5;16m"
+def printer(tok, n_layers, show_depth, use_colour):
+    """on_token for generate: streams the decoded text, holding back incomplete UTF-8 sequences, each piece
+    marked with its token's exit depth (a background from green, shallow, to red, full depth; or text[depth])."""
+    ids, printed = [], 0
 
-
-class Printer:
-    """Streams decoded text, holding back incomplete UTF-8 sequences, marking each token's exit depth."""
-
-    def __init__(self, tokenizer, n_layers, show_depth, use_colour):
-        self.tok, self.L, self.show, self.colour = tokenizer, n_layers, show_depth, use_colour
-        self.ids, self.printed = [], 0
-
-    def __call__(self, token, depth):
-        if token in self.tok.eos_ids:
+    def on_token(token, depth):
+        nonlocal printed
+        if token in tok.eos_ids:
             return
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        ids.append(token)
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
-        piece, self.printed = text[self.printed:], len(text)
-        if self.show and self.colour:
-            piece = f"{colour(depth, self.L)}{piece}\033[0m"
-        elif self.show:
+        piece, printed = text[printed:], len(text)
+        if show_depth and use_colour:
+            x = (depth - 1) / max(n_layers - 1, 1)
+            piece = f"\033[48;5;{16 + 36 * round(5 * x) + 6 * round(5 * (1 - x))}m\033[38;5;16m{piece}\033[0m"
+        elif show_depth:
             piece = f"{piece}[{depth}]"
         print(piece, end="", flush=True)
+    return on_token
 
 
 def main(argv=None):
@@ -104,10 +98,10 @@ def main(argv=None):
     print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in {time.perf_counter() - t0:.1f}s; "
           f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)
     show_depth = policy_name != "full"
-    printer = Printer(tok, L, show_depth, sys.stdout.isatty() and not args.no_color)
+    on_token = printer(tok, L, show_depth, sys.stdout.isatty() and not args.no_color)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p,
               seed=args.seed, eos_ids=tok.eos_ids, prompt_policy=prompt_policy)
-    g = generate(model, ids, args.max_new_tokens, policy, on_token=printer, **kw)
+    g = generate(model, ids, args.max_new_tokens, policy, on_token=on_token, **kw)
     print()
     n_dec = max(len(g.tokens) - 1, 0)  # the first token comes from prefill
     tps = n_dec / g.decode_s if g.decode_s > 0 else float("nan")
