@@ -92,7 +92,7 @@ class Policy:
     min_layer = 1
 
     def decide(self, model, i, pos, h, q, k, v):
-        raise NotImplementedError
+        return None  # this base policy never exits: FullDepth
 
     def macs(self, c):
         return 0
@@ -104,8 +104,6 @@ class Policy:
 
 class FullDepth(Policy):
     """Never exit: the plain model."""
-    def decide(self, model, i, pos, h, q, k, v):
-        return None
 
 
 class Static(Policy):
@@ -136,11 +134,6 @@ class Confidence(Policy):
 
     def macs(self, c):
         return c.dim * c.vocab_size
-
-
-def router_features(model, h, q, k, v):
-    """The router's view of the state (h, q, k, v): normalised h, then q, k, v. [n, 2*D + 2*kv_dim]"""
-    return torch.cat((F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps), q, k, v), dim=-1)
 
 
 class Router(torch.nn.Module):
@@ -191,7 +184,7 @@ class Router(torch.nn.Module):
     @classmethod
     def load(cls, path, model):
         """Load a router file, refusing one trained for other weights or with other features."""
-        meta, tensors = read_artifact(path, "router", "train one for it with train_exits.py", model)
+        meta, tensors = read_artifact(path, "router", "train one for this model with train_exits.py or pass --exits PATH", model)
         if meta.get("features") != cls.FEATURES:
             raise UserError(f"router {path} uses features {meta.get('features')!r}; this code computes {cls.FEATURES!r}")
         try:

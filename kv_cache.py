@@ -76,8 +76,8 @@ def skipped_kv(model, h, pos, e):
     bmm projects through all the skipped layers' K/V weights at once.
     """
     c, mu = model.config, model.fill_mu
-    h = h[None] if mu is None else h[None] + (mu[e:c.n_layers, None] - mu[e])   # [1 or S, n, D]; calibrated: h_e + mu[l] - mu[e]
-    x = F.rms_norm(h, (c.dim,), None, c.norm_eps) * model.attn_norm[e:, None]    # [S, n, D]
+    h = h[None] if mu is None else h[None] + (mu[e:c.n_layers, None] - mu[e])  # calibrated: layer l reads h_e + mu[l] - mu[e]
+    x = F.rms_norm(h, (c.dim,), None, c.norm_eps) * model.attn_norm[e:, None]   # [S, n, D]
     k, v = torch.bmm(x, model.wqkv[e:, :, c.q_dim:]).unflatten(-1, (2, c.n_kv_heads, c.head_dim)).unbind(2)
     return model.rope(k, pos), v
 

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
     p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")
     p.add_argument("--exit-layer", type=int, default=None, help="the layer of the static policy (default 24)")
-    p.add_argument("--prompt-exit-layer", type=int, help="prompt tokens before the last exit here (default: by --policy)")
+    p.add_argument("--prompt-exit-layer", type=int, help="prompt tokens before the last exit at this layer (default: by --policy)")
     p.add_argument("--prompt-exits", help="a router for prompt tokens (train_exits.py --target prompt) instead")
     p.add_argument("--fill", help=f"fill calibration from train_exits.py --calibrate, or 'plain' (default: {DEFAULT_FILL.name})")
     p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, load_fill, router_features
+from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, load_fill
 from checkpoint import DTYPES, UserError, load, model_id
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, save_atomic
@@ -59,6 +59,12 @@ def build_data(model, tok, args):
 
 
 # ----------------------------------------------------------------------------- targets
+
+
+def router_features(model, h, q, k, v):
+    """The router's view of the state (h, q, k, v) as training computes it: rmsnorm(h), then q, k, v
+    [n, 2*D + 2*kv_dim]. RouterPolicy computes the same with its constants folded into the router."""
+    return torch.cat((F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps), q, k, v), dim=-1)
 
 
 def preference_labels(T, lam, beta):

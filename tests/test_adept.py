@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
-                   make_policy, model_id, router_features)
+                   make_policy, model_id)
 from conftest import reference_forward
 from kv_cache import fill_decoupled, fill_sequential
 from model import UserError
+from train_exits import router_features
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # The default model's logits reach ~20 and pass 30 layers in float32, where a batched matmul and a
