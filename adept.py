@@ -409,7 +409,9 @@ def load_fill(model, path=None):
     return model
 
 
-POLICIES = ("router", "confidence", "entropy", "static", "full")
+# Each policy of the command line, with the settings it uses.
+POLICIES = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
+            "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}
 
 
 def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None):
@@ -417,11 +419,8 @@ def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, ex
     policy does not use is an error, not silently ignored."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    uses = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
-            "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}[name]
-    given = {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer, "exits": exits}
-    for flag, value in given.items():
-        if value is not None and flag not in uses:
+    for flag, value in {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer, "exits": exits}.items():
+        if value is not None and flag not in POLICIES[name]:
             raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; "
                             f"drop it{' (static exits every token at --exit-layer)' if name == 'static' else ''}")
     L = model.config.n_layers

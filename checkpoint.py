@@ -236,10 +236,7 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
         raise UserError(f"checkpoint {ckpt} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     # What router files name their model by: ~4K values of every tensor as stored, so it does not depend on
     # --dtype or --device, and any fine-tune or other checkpoint (which changes all values) gets its own.
-    digest = hashlib.sha1()
-    for name in sorted(samples):
-        digest.update(name.encode() + samples[name])
-    model.fingerprint = digest.hexdigest()
+    model.fingerprint = hashlib.sha1(b"".join(name.encode() + samples[name] for name in sorted(samples))).hexdigest()
     if c.tie_embeddings:  # a tied checkpoint may still store the head: then it must be the embedding
         if "lm_head.weight" in seen and not torch.equal(model.lm_head, model.tok_emb.T):
             raise UserError("config.json says tie_word_embeddings, but lm_head.weight differs from the embedding: "

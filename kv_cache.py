@@ -32,11 +32,9 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         # masked slots are still multiplied (by a zero weight), so they must not hold NaN from fresh memory
         alloc = torch.zeros if mask_unwritten else torch.empty
-        self.k = alloc(shape, dtype=dtype, device=device)
-        self.v = alloc(shape, dtype=dtype, device=device)
+        self.k, self.v = alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device)
         self.mask_unwritten = mask_unwritten
-        track = CHECK_WRITES or mask_unwritten
-        self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if track else None
+        self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if CHECK_WRITES or mask_unwritten else None
 
     def write(self, i, pos, k, v):
         """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n] (i a slice of S layers:

@@ -103,21 +103,19 @@ def main(argv=None):
               seed=args.seed, eos_ids=tok.eos_ids, prompt_policy=prompt_policy)
     g = generate(model, ids, args.max_new_tokens, policy, on_token=on_token, **kw)
     print()
-    n_dec = max(len(g.tokens) - 1, 0)  # the first token comes from prefill
-    tps = n_dec / g.decode_s if g.decode_s > 0 else float("nan")
-    line = f"{len(g.tokens)} tokens, {tps:.1f} tokens/s decode, prefill {len(ids)} tokens in {g.prefill_s:.2f}s"
+    tps = lambda g: max(len(g.tokens) - 1, 0) / g.decode_s if g.decode_s > 0 else float("nan")  # the first token is prefill's
+    line = f"{len(g.tokens)} tokens, {tps(g):.1f} tokens/s decode, prefill {len(ids)} tokens in {g.prefill_s:.2f}s"
     if show_depth:
         line += (f"; mean layers/token: prefill {g.prefill.mean_exit_layer:.1f}, decode {g.decode.mean_exit_layer:.1f} of {L}; "
                  f"compute saved (est.): prefill {g.prefill.saved:.0%}, decode {g.decode.saved:.0%}")
     print(line, file=sys.stderr)
     if args.compare:
         f = generate(model, ids, args.max_new_tokens, FullDepth(), **kw | {"prompt_policy": None})
-        f_tps = max(len(f.tokens) - 1, 0) / f.decode_s if f.decode_s > 0 else float("nan")
         same = sum(a == b for a, b in zip(g.tokens, f.tokens))
         prefix = next((j for j, (a, b) in enumerate(zip(g.tokens, f.tokens)) if a != b), min(len(g.tokens), len(f.tokens)))
-        print(f"full: {f_tps:.1f} tokens/s decode; speed ratio {tps / f_tps:.2f}x (ideal from the counters "
-              f"{g.decode.ideal_speedup:.2f}x); "
-              f"{same}/{len(f.tokens)} tokens agree position by position, first {prefix} identical", file=sys.stderr)
+        print(f"full: {tps(f):.1f} tokens/s decode; speed ratio {tps(g) / tps(f):.2f}x (ideal from the counters "
+              f"{g.decode.ideal_speedup:.2f}x); {same}/{len(f.tokens)} tokens agree position by position, first {prefix} identical",
+              file=sys.stderr)
         print(f"full model's text: {tok.decode(f.tokens)!r}", file=sys.stderr)
 
 
