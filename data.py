@@ -156,6 +156,19 @@ def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=
     return gen
 
 
+def resume(ckpt, recipe):
+    """The state a resumable run saved at ckpt (save_atomic), or None if there is none; refused, rather than mixed
+    in, when that run had other settings (`recipe`: what a resumed run must share with the one it resumes)."""
+    if not (ckpt and Path(ckpt).is_file()):
+        return None
+    state = torch.load(ckpt, weights_only=True)
+    if state.get("recipe") != recipe:
+        other = {k: v for k, v in (state.get("recipe") or {}).items() if recipe.get(k) != v}
+        raise UserError(f"{ckpt} is the checkpoint of a run with other settings ({other}); rerun with those to "
+                        "resume it, or delete it to start afresh")
+    return state
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: an interrupted run never leaves a half-written file."""
     tmp = Path(f"{path}.tmp")

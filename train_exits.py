@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, load_fill
 from checkpoint import DTYPES, UserError, load, model_id
 from convert import default_checkpoint
-from data import chunks, docstrings, generated_text, read_text, save_atomic
+from data import chunks, docstrings, generated_text, read_text, resume, save_atomic
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
 from kv_cache import skipped_kv
 from tune_exits import load_tuning, tune_main
@@ -127,12 +127,12 @@ def prompt_targets(model, seqs):
     return torch.cat(feats, 1).float().cpu(), torch.cat(T, 1).float().cpu()
 
 
-def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True):
-    """BCE on the soft labels, all layers' routers at once. Resumes from `ckpt` if it exists; returns epoch losses."""
+def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True, recipe=None):
+    """BCE on the soft labels, all layers' routers at once. Resumes from `ckpt` if it exists and was made with
+    the same `recipe` (data.resume); returns epoch losses."""
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     start, losses = 0, []
-    if ckpt and Path(ckpt).is_file():
-        state = torch.load(ckpt, weights_only=True)
+    if state := resume(ckpt, recipe):
         router.load_state_dict(state["router"])
         opt.load_state_dict(state["opt"])
         start, losses = state["epoch"], state["losses"]
@@ -155,7 +155,8 @@ def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, 
         if progress:
             print(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}", file=sys.stderr)
         if ckpt:
-            save_atomic({"router": router.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "losses": losses}, ckpt)
+            save_atomic({"router": router.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "losses": losses,
+                         "recipe": recipe}, ckpt)
         if stop_after is not None and epoch + 1 >= stop_after:
             break
     return losses
@@ -316,7 +317,9 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         router = Router(model.config, args.hidden)
         router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
-        train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt")
+        recipe = {k: getattr(args, k) for k in ("lam", "beta", "hidden", "seed", "target", "data", "max_new_tokens",
+                                                "human_chunks", "tuning", "fill")}  # what the features and labels depend on
+        train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt", recipe=recipe)
         router.to(model.tok_emb.device, model.tok_emb.dtype)
         # a prompt router is judged where its tokens are read, by bench.py's prefill and label figures; 0.5 = even odds
         threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from checkpoint import model_id, read_artifact
 from model import UserError
-from data import NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, save_atomic
+from data import NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, resume, save_atomic
 
 # ----------------------------------------------------------------------------- low-rank deltas
 
@@ -176,12 +176,7 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
     opt = torch.optim.Adam(params, lr=args.tune_lr)
     step, log = 0, []
     recipe = {k: getattr(args, k, None) for k in RECIPE}
-    if ckpt and Path(ckpt).is_file():
-        state = torch.load(ckpt, weights_only=True)
-        if state.get("recipe") != recipe:
-            other = {k: v for k, v in (state.get("recipe") or {}).items() if recipe.get(k) != v}
-            raise UserError(f"{ckpt} is the checkpoint of a run with other settings ({other}); rerun with those to "
-                            "resume it, or delete it to start afresh")
+    if state := resume(ckpt, recipe):
         for name, d in deltas.items():
             d.load_state_dict(state["deltas"][name])
         opt.load_state_dict(state["opt"])

@@ -56,10 +56,13 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tiny, tmp_path):
     a, b = copy(), copy()
     train(a, feats, labels, epochs=4, batch=32, seed=1, progress=False)
     ckpt = tmp_path / "resume.pt"
-    train(b, feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, stop_after=2, progress=False)   # interrupted
+    recipe = {"lam": 4.0, "beta": 1.0}
+    train(b, feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, stop_after=2, progress=False, recipe=recipe)  # interrupted
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    with pytest.raises(UserError, match=r"other settings \(\{'lam': 4.0\}\)"):  # never resumed with other settings
+        train(copy(), feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, progress=False, recipe=recipe | {"lam": 8.0})
     b2 = copy()  # a fresh process: nothing but the checkpoint carries over
-    train(b2, feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, progress=False)
+    train(b2, feats, labels, epochs=4, batch=32, seed=1, ckpt=ckpt, progress=False, recipe=recipe)
     for name, t in a.state_dict().items():
         assert torch.equal(t, b2.state_dict()[name]), name
 
