@@ -320,14 +320,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens):
-    if not 0 <= temperature < math.inf:
-        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    for flag, ok, need, x in (("--temperature", 0 <= temperature < math.inf, "a finite number >= 0 (0 = greedy)", temperature),
+                              ("--top-k", top_k is None or top_k >= 1, ">= 1", top_k), ("--top-p", 0 < top_p <= 1, "in (0, 1]", top_p),
+                              ("--max-new-tokens", max_new_tokens >= 1, ">= 1", max_new_tokens)):
+        if not ok:
+            raise UserError(f"{flag} must be {need}, got {x}")
 
 
 @dataclass

@@ -22,11 +22,8 @@ CHECK_WRITES = False  # tests set this: every read then asserts that its slots w
 
 
 class KVCache:
-    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once.
-
-    mask_unwritten=True is the ablation that ADEPT argues against: skipped layers are
-    left empty and attention masks them out, instead of reading a filled entry.
-    """
+    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once. mask_unwritten=True is the
+    ablation ADEPT argues against: skipped layers are left empty and masked out, instead of filled."""
 
     def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device, mask_unwritten=False):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
