@@ -320,9 +320,10 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens):
-    for flag, ok, need, x in (("--temperature", 0 <= temperature < math.inf, "a finite number >= 0 (0 = greedy)", temperature),
-                              ("--top-k", top_k is None or top_k >= 1, ">= 1", top_k), ("--top-p", 0 < top_p <= 1, "in (0, 1]", top_p),
-                              ("--max-new-tokens", max_new_tokens >= 1, ">= 1", max_new_tokens)):
+    for flag, x, ok, need in (("--temperature", temperature, 0 <= temperature < math.inf, "a finite number >= 0 (0 = greedy)"),
+                              ("--top-k", top_k, top_k is None or top_k >= 1, ">= 1"),
+                              ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+                              ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")):
         if not ok:
             raise UserError(f"{flag} must be {need}, got {x}")
 
