@@ -261,14 +261,13 @@ def main(argv=None):
     args.data_texts = [read_text(f) for f in args.data or []]
     runs = Path("runs")
     runs.mkdir(exist_ok=True)
-    if args.tune:
-        check_output(tuning_out, "--tuning-out")
-        if tuning_out.exists() and not args.force:
-            raise UserError(f"{tuning_out} exists; pass --force to overwrite it or --tuning-out to write elsewhere")
-    elif args.calibrate:
-        check_output(out.with_suffix(".fill.safetensors"), "--out")
-    elif not args.eval:
-        check_output(out, "--out")
+    # the file this run writes: a delta, fill statistics or a router (--eval writes none)
+    written, flag = ((tuning_out, "--tuning-out") if args.tune else
+                     (out.with_suffix(".fill.safetensors") if args.calibrate else out, "--out"))
+    if not args.eval:
+        check_output(written, flag)
+        if written.exists() and not args.force:
+            raise UserError(f"{written} exists; pass --force to overwrite it or {flag} to write elsewhere")
     if args.json:
         check_output(args.json, "--json")
     torch.manual_seed(args.seed)
@@ -287,9 +286,6 @@ def main(argv=None):
         return tune_main(model, tok, args, tuning_out, runs)
     base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None  # what agreement is measured against
     router = Router.load(out, model) if args.eval and not args.no_router else None
-    written = out.with_suffix(".fill.safetensors") if args.calibrate else out
-    if not args.eval and written.exists() and not args.force:
-        raise UserError(f"{written} exists; pass --force to overwrite it or --out to write elsewhere")
     t0 = time.time()
     data = build_data(base or model, tok, args)
     for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
