@@ -189,7 +189,7 @@ class Router(torch.nn.Module):
             raise UserError(f"router {path} uses features {meta.get('features')!r}; this code computes {cls.FEATURES!r}")
         try:
             router = cls(model.config, int(meta["hidden"]))
-            ok = 0 <= float(meta["threshold"]) <= 1 and 1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
+            ok = int(meta["hidden"]) >= 1 and 0 <= float(meta["threshold"]) <= 1 and 1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
         except (KeyError, ValueError, RuntimeError):
             ok = False
         if not ok:

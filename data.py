@@ -163,7 +163,7 @@ def resume(ckpt, recipe):
         return None
     state = torch.load(ckpt, weights_only=True)
     if state.get("recipe") != recipe:
-        other = {k: v for k, v in (state.get("recipe") or {}).items() if recipe.get(k) != v}
+        other = {k: v for k, v in (state.get("recipe") or {}).items() if (recipe or {}).get(k) != v}
         raise UserError(f"{ckpt} is the checkpoint of a run with other settings ({other}); rerun with those to "
                         "resume it, or delete it to start afresh")
     return state

@@ -80,8 +80,8 @@ def skipped_kv(model, h, pos, e):
 def fill_decoupled(cache, model, h, pos, e):
     """ADEPT's fill: the K/V of every skipped layer of tokens that exit after layer e, in one batched operation.
 
-    h: [n, D], the exit hidden states of n tokens (batch row 0) at positions pos [n]. Layers are
-    0-indexed in the cache, so the skipped layers are e..L-1.
+    h: [n, D], the exit hidden states of n tokens at positions pos [n] of a one-sequence cache (forward_tokens
+    runs batch 1). Layers are 0-indexed in the cache, so the skipped layers are e..L-1.
     """
     k, v = skipped_kv(model, h, pos, e)
     cache.write(slice(e, None), pos, k[:, None], v[:, None])  # [S, B=1, n, kv_heads, hd]
