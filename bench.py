@@ -2,8 +2,8 @@
 
 Scenarios (docs/RESULTS.md documents the record schema of --json):
   decode       free-running greedy generation from a fixed, varied set of chat prompts:
-               tokens/s (each run paired with a full-depth run just before it; the speed-up
-               is the median over repeats of the pairs' ratios), mean exit layer, the
+               tokens/s (each prompt's run paired with a full-depth run of it just before; the
+               speed-up is the median of the pairs' ratios over prompts and repeats), mean exit layer, the
                share of tokens identical to the full model's output, and the full model's
                perplexity of each policy's output
   decode-tf    teacher-forced: along the full model's own greedy continuations of the same
@@ -134,13 +134,6 @@ def full_ppl(model, prompts, outputs):
 def total(stats):
     """The sum of several cost counters."""
     return Stats(*(sum(getattr(s, f) for s in stats) for f in Stats.__dataclass_fields__))
-
-
-def run_decode(model, prompts, n_new, policy, kv_fill="decoupled"):
-    """Free-running greedy decode of every prompt: tokens/s, the tokens, and the decode steps' costs."""
-    gs = [generate(model, p, n_new, policy, kv_fill=kv_fill) for p in prompts]
-    return {"tokens_per_s": sum(len(g.tokens) - 1 for g in gs) / sum(g.decode_s for g in gs),
-            "tokens": [g.tokens for g in gs], "stats": total([g.decode for g in gs])}
 
 
 @torch.no_grad()
@@ -339,27 +332,30 @@ def main(argv=None):
     generate(model, prompts[0], 4, FullDepth())  # warm-up
 
     records = []
-    # decode, free-running: every policy in a pair with a full-depth run of the same prompts just before it, so that
-    # slow drifts of the machine (and what the policy before did to it) cancel; speed-up: the median pair's ratio
-    runs = {}  # (scenario, model, policy, setting) -> [(the policy's run, the full-depth run before it)]
+    # decode, free-running: each prompt at full depth, then right away by the policy, so that slow drifts of the
+    # machine (and what the run before did to it) cancel; speed-up: the median of these pairs' ratios
+    runs = {}  # (scenario, model, policy, setting) -> [(the policy's Generation, full depth's just before)]
     keys = [("decode", *key) for key in [full[0], *policies]]
     keys += [(f"kv-{fill}", "base", "router", None) for fill in ("sequential", "none")] if exits["base"] else []
     for rep in range(0 if args.classify_only else repeats):
         for key in keys:
             m, pol = full[1] if key[1:] == full[0] else policies[key[1:]]
-            ref = run_decode(model, prompts, n_new, FullDepth())
             fill = key[0][3:] if key[0].startswith("kv-") else "decoupled"
-            runs.setdefault(key, []).append((run_decode(m, prompts, n_new, pol, kv_fill=fill), ref))
+            for p in prompts:
+                ref = generate(model, p, n_new, FullDepth())
+                runs.setdefault(key, []).append((generate(m, p, n_new, pol, kv_fill=fill), ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-    full_tokens = runs[("decode", *full[0])][-1][0]["tokens"] if runs else []
+    tps = lambda g: (len(g.tokens) - 1) / g.decode_s  # the first token is prefill's
+    tokens = lambda pairs: [g.tokens for g, _ in pairs[-len(prompts):]]  # the last repeat's
+    full_tokens = tokens(runs[("decode", *full[0])]) if runs else []
     for (scenario, which, name, s), pairs in runs.items():
-        last = pairs[-1][0]
-        records.append(record(name, setting(which, name, s), scenario, *identical(last["tokens"], full_tokens), last["stats"],
-                              which, "base", text="chat prompts", kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
-                              tokens_per_s=statistics.median(r["tokens_per_s"] for r, _ in pairs),
-                              full_tokens_per_s=statistics.median(f["tokens_per_s"] for _, f in pairs),
-                              speedup=statistics.median(r["tokens_per_s"] / f["tokens_per_s"] for r, f in pairs),
-                              ppl=full_ppl(model, prompts, last["tokens"]), full_ppl=full_ppl(model, prompts, full_tokens)))
+        records.append(record(name, setting(which, name, s), scenario, *identical(tokens(pairs), full_tokens),
+                              total([g.decode for g, _ in pairs[-len(prompts):]]), which, "base", text="chat prompts",
+                              kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
+                              tokens_per_s=statistics.median(tps(g) for g, _ in pairs),
+                              full_tokens_per_s=statistics.median(tps(f) for _, f in pairs),
+                              speedup=statistics.median(tps(g) / tps(f) for g, f in pairs),
+                              ppl=full_ppl(model, prompts, tokens(pairs)), full_ppl=full_ppl(model, prompts, full_tokens)))
 
     # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
     tf_sets = {} if args.classify_only else {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
@@ -391,7 +387,7 @@ def main(argv=None):
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
-          f"greedy tokens, each paired with full depth just before it, median of {repeats} pairs; n = scored tokens (decode) or prompts (prefill); "
+          f"greedy tokens, each prompt paired with full depth on it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts (prefill); "
           f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval\n")
     print(report(records))
     if args.json:
