@@ -346,16 +346,17 @@ def main(argv=None):
                 runs.setdefault(key, []).append((generate(m, p, n_new, pol, kv_fill=fill), ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
     tps = lambda g: (len(g.tokens) - 1) / g.decode_s  # the first token is prefill's
-    tokens = lambda pairs: [g.tokens for g, _ in pairs[-len(prompts):]]  # the last repeat's
-    full_tokens = tokens(runs[("decode", *full[0])]) if runs else []
+    last = lambda pairs: [g for g, _ in pairs[-len(prompts):]]  # the last repeat's generations
+    full_tokens = [g.tokens for g in last(runs[("decode", *full[0])])] if runs else []
     for (scenario, which, name, s), pairs in runs.items():
-        records.append(record(name, setting(which, name, s), scenario, *identical(tokens(pairs), full_tokens),
-                              total([g.decode for g, _ in pairs[-len(prompts):]]), which, "base", text="chat prompts",
+        tokens = [g.tokens for g in last(pairs)]
+        records.append(record(name, setting(which, name, s), scenario, *identical(tokens, full_tokens),
+                              total([g.decode for g in last(pairs)]), which, "base", text="chat prompts",
                               kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
                               tokens_per_s=statistics.median(tps(g) for g, _ in pairs),
                               full_tokens_per_s=statistics.median(tps(f) for _, f in pairs),
                               speedup=statistics.median(tps(g) / tps(f) for g, f in pairs),
-                              ppl=full_ppl(model, prompts, tokens(pairs)), full_ppl=full_ppl(model, prompts, full_tokens)))
+                              ppl=full_ppl(model, prompts, tokens), full_ppl=full_ppl(model, prompts, full_tokens)))
 
     # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
     tf_sets = {} if args.classify_only else {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
