@@ -117,7 +117,7 @@ def generated_documents(model, tok, n_tokens, count):
     return docs[:count]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def full_ppl(model, prompts, outputs):
     """The full model's perplexity of generated tokens, given their prompts."""
     nll, n = 0.0, 0
@@ -136,7 +136,7 @@ def total(stats):
     return Stats(*(sum(getattr(s, f) for s in stats) for f in Stats.__dataclass_fields__))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def prefill_last(model, ids, policy, stats, label_ids=None, question=None):
     """Prefill ids with per-token exits: the read position's log-probs (over the vocabulary, or over the label
     tokens) and the seconds it took. A prompt policy here is a template whose read is "last" (its decode policy

@@ -98,7 +98,7 @@ def chunks(ids, size):
     return [ids[i:i + size] for i in range(0, len(ids) - size // 4, size)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_batch(model, prompts, max_new_tokens, eos_ids, seed, temperature=0.7, top_p=0.9):
     """Full-depth sampling of many prompts at once, for training data only.
 
