@@ -339,7 +339,7 @@ class Generation:
     decode_s: float = 0.0
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: ~6% faster decode than no_grad on this CPU
+@torch.inference_mode()  # no autograd bookkeeping at all: decode 5-7% faster than under no_grad (docs/RESULTS.md)
 def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, top_k=None, top_p=1.0,
              seed=None, eos_ids=(), on_token=None, kv_fill="decoupled", prompt_policy=None) -> Generation:
     """Prefill the prompt, then decode token by token, each token exiting where the policy says
