@@ -184,9 +184,8 @@ def main(argv=None):
     p.add_argument("--lam", type=float, default=4.0, help="λ, weight of task performance T")
     p.add_argument("--beta", type=float, default=1.0, help="β, weight of compute cost C = i/L")
     p.add_argument("--min-layer", type=int, default=None,
-                   help="no exit before this layer (default: two thirds of the layers, 20 of 30): a shallow exit fills "
-                        "every deeper layer's K/V from a shallow state, which misleads all later tokens, and each layer "
-                        "the router is asked at costs time")
+                   help="no exit before this layer (default: two thirds of the layers): a shallow exit fills deeper "
+                        "layers' K/V from a shallow state, misleading later tokens, and each asked layer costs time")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=16, help="router hidden units per layer")
     p.add_argument("--seed", type=int, default=0)
