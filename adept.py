@@ -12,15 +12,12 @@ Layers are counted from 1 here: "exit at layer e" means layers 1..e ran (blocks
 """
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from kv_cache import fill_decoupled, fill_sequential
-from checkpoint import model_id, read_artifact
-from model import UserError
+from kv_cache import fill_decoupled, fill_layer, fill_sequential
 
 # ----------------------------------------------------------------------------- cost accounting
 
@@ -61,18 +58,20 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     Counting once here, not layer by layer inside the loop, keeps the loop free of
     bookkeeping (and of host-device syncs). Token j at position p ran layers 1..e_j
     (each: projections, MLP, and attention over p + 1 positions), was asked by the
-    policy at layers min_layer..min(e_j, L-1), and had layers e_j+1..L filled.
+    policy at layers min_layer..min(e_j, L-1), and had layers e_j+1..L filled (lazily: only
+    those up to the deepest layer any token ran).
     """
     c, L, e = model.config, model.config.n_layers, exit_layer
     per_layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.q_dim * (pos + 1)  # [n]
+    filled = {"none": 0 * e, "lazy": e.max() - e}.get(fill, L - e)  # skipped layers whose K/V were made
     layers, layer_work, router_work, skipped, full = torch.stack(  # one read-back for all five
-        [e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), (L - e).sum(), L * per_layer.sum()]).tolist()
+        [e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(), L * per_layer.sum()]).tolist()
     heads = n_logits * c.dim * c.vocab_size
     stats.tokens += len(e)
     stats.layers += layers
     stats.layer_macs += layer_work
     stats.router_macs += router_work
-    stats.fill_macs += skipped * c.dim * 2 * c.kv_dim if fill else 0
+    stats.fill_macs += skipped * c.dim * 2 * c.kv_dim
     stats.head_macs += heads
     stats.full_macs += full + heads
 
@@ -145,10 +144,11 @@ class Router(torch.nn.Module):
     """
     FEATURES = "rmsnorm(h)|q|k|v"
 
-    def __init__(self, c, hidden=32):
+    def __init__(self, c, hidden=32, n_features=None):
         super().__init__()
         P = lambda *s: torch.nn.Parameter(torch.zeros(*s))
-        n_layers, n_features, self.dim = c.n_layers, c.dim + c.q_dim + 2 * c.kv_dim, c.dim
+        n_layers, self.dim = c.n_layers, c.dim
+        n_features = n_features or c.dim + c.q_dim + 2 * c.kv_dim  # default: the token router's
         self.register_buffer("mu", torch.zeros(n_layers, n_features))
         self.register_buffer("sd", torch.ones(n_layers, n_features))
         self.w1, self.b1 = P(n_layers, n_features, hidden), P(n_layers, hidden)
@@ -175,35 +175,6 @@ class Router(torch.nn.Module):
 
     def macs(self):
         return self.w1.shape[1] * self.w1.shape[2] + self.w2.shape[1]
-
-    def save(self, path, meta):
-        from safetensors.torch import save_file
-        self.meta = {k: str(v) for k, v in meta.items()} | {"features": self.FEATURES, "hidden": str(self.w2.shape[1])}
-        save_file({k: t.detach().float().cpu().contiguous() for k, t in self.state_dict().items()}, str(path), metadata=self.meta)
-
-    @classmethod
-    def load(cls, path, model):
-        """Load a router file, refusing one trained for other weights or with other features."""
-        meta, tensors = read_artifact(path, "router", "train one for this model with train_exits.py or pass --exits PATH", model)
-        if meta.get("features") != cls.FEATURES:
-            raise UserError(f"router {path} uses features {meta.get('features')!r}; this code computes {cls.FEATURES!r}")
-        try:
-            router = cls(model.config, int(meta["hidden"]))
-            ok = int(meta["hidden"]) >= 1 and 0 <= float(meta["threshold"]) <= 1 and 1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
-        except (KeyError, ValueError, RuntimeError):
-            ok = False
-        if not ok:
-            raise UserError(f"{path} has malformed metadata (hidden {meta.get('hidden')!r}, threshold {meta.get('threshold')!r}, "
-                            f"min_layer {meta.get('min_layer')!r}); retrain it")
-        want = {k: tuple(t.shape) for k, t in router.state_dict().items()}
-        for k in want.keys() | tensors.keys():
-            if k not in tensors or want.get(k) != tuple(tensors[k].shape):
-                raise UserError(f"{path} is damaged: tensor {k} is {tuple(tensors[k].shape) if k in tensors else 'missing'}, "
-                                f"not of shape {want.get(k)} as this model needs; retrain it")
-        router.load_state_dict(tensors)
-        router.meta = meta
-        return router.to(model.tok_emb.device, model.tok_emb.dtype)
-
 
 class RouterPolicy(Policy):
     """The learned ADEPT policy: exit when the router's P(exit) reaches the threshold τ.
@@ -251,26 +222,147 @@ class PromptPolicy(Policy):
         return self.prompt.work(c, pos[~r], e[~r]) + self.policy.work(c, pos[r], e[r])
 
 
+# ----------------------------------------------------------------------------- classification
+
+
+def pooled(model, h):
+    """A document's features: the mean over its tokens of rmsnorm(h) (no weight), h [..., n, D]."""
+    return F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps).mean(-2)
+
+
+class ExitClassifier(torch.nn.Module):
+    """One linear head per layer on a document's pooled features: logits over its labels.
+
+    Early-exit classification (DeeBERT, PABEE, BERxiT) reads a small head at every layer, and the
+    frozen model's intermediate layers already carry a document's label. Features are standardised
+    with per-layer statistics of the training documents. `router` is the learned gate's Router
+    (features | probabilities), or None.
+    """
+    def __init__(self, c, labels):
+        super().__init__()
+        L, D, C = c.n_layers, c.dim, len(labels)
+        self.labels, self.router = list(labels), None
+        self.register_buffer("mu", torch.zeros(L, D))
+        self.register_buffer("sd", torch.ones(L, D))
+        self.w, self.b = torch.nn.Parameter(torch.zeros(L, D, C)), torch.nn.Parameter(torch.zeros(L, C))
+
+    def forward(self, i, x):
+        """Label logits [..., C] at layer i (1-based) for pooled features x [..., D]."""
+        return ((x - self.mu[i - 1]) / self.sd[i - 1]) @ self.w[i - 1] + self.b[i - 1]
+
+
+class Gate:
+    """Says after layer i, from the document's pooled features x [D] and its head's label
+    probabilities p [C], whether the label is settled. reset() starts a new document."""
+    def reset(self):
+        pass
+
+
+class MaxProb(Gate):
+    """The confidence gate: the label is settled when the head's top probability reaches τ."""
+    def __init__(self, threshold):
+        check_range("confidence threshold", threshold, 0.0, 1.0)
+        self.threshold = threshold
+
+    def settled(self, i, x, p):
+        return float(p.max()) >= self.threshold
+
+
+class Patience(Gate):
+    """PABEE's gate: settled when the heads of k layers in a row give the same label."""
+    def __init__(self, k):
+        check_range("patience", k, 1, math.inf)
+        self.k = k
+
+    def reset(self):
+        self.last, self.run = None, 0
+
+    def settled(self, i, x, p):
+        label = int(p.argmax())
+        self.run, self.last = (self.run + 1 if label == self.last else 1), label
+        return self.run >= self.k
+
+
+class RouterGate(Gate):
+    """ADEPT's learned gate: a Router on the document's features and its head's probabilities,
+    trained with the preference reward (T = 1 where layer i's head gives full depth's label)."""
+    def __init__(self, router, threshold):
+        check_range("router threshold", threshold, 0.0, 1.0)
+        self.router, self.threshold = router, threshold
+
+    def settled(self, i, x, p):
+        return float(torch.sigmoid(self.router(i, torch.cat((x, p))[None])[0])) >= self.threshold
+
+
+class DocumentExit(Policy):
+    """A document stops at the first layer where the gate says its label is settled: every token
+    still running exits there. Before that, `tokens` (a token-level policy, or None) may let single
+    tokens leave; they stay in the pool at their exit state, and their K/V at the layers still to
+    run come from the fill. Asked from layer 1: the pool needs every exit."""
+    def __init__(self, classifier, gate, tokens=None):
+        self.classifier, self.gate, self.tokens = classifier, gate, tokens
+
+    def decide(self, model, i, pos, h, q, k, v):
+        x = F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps)  # [n_active, D]
+        if i == 1:  # a new document: every token is active
+            self.n, self.exited = len(pos), 0
+            self.gate.reset()
+        pool = (self.exited + x.sum(0)) / self.n  # [D]: every token as it stands at layer i
+        if self.gate.settled(i, pool, self.classifier(i, pool).float().softmax(-1).to(pool.dtype)):
+            return torch.ones(len(pos), dtype=torch.bool, device=h.device)
+        out = self.tokens.decide(model, i, pos, h, q, k, v) if self.tokens else None
+        if out is not None:
+            self.exited = self.exited + x[out].sum(0)
+        return out
+
+    def work(self, c, pos, e):
+        """Pooling each active token (D), and the head (D x labels) and router at each layer asked."""
+        asked = e.max().clamp(max=c.n_layers - 1)
+        router = self.gate.router.macs() if isinstance(self.gate, RouterGate) else 0
+        per_layer = c.dim * len(self.classifier.labels) + router
+        tokens = self.tokens.work(c, pos, e) if self.tokens else 0
+        return e.clamp(max=c.n_layers - 1).sum() * c.dim + asked * per_layer + tokens
+
+
+@torch.inference_mode()
+def classify(model, classifier, ids, policy, stats):
+    """A document's label probabilities [C] and the layer d its label was read at.
+
+    Its tokens ids [n] run until the policy has exited them all (FullDepth: at L; Static(k): at
+    k; DocumentExit: where its gate settles); the head of layer d reads the pooled exit states of
+    all tokens, each as it stands at d. Nothing is filled above d: nobody reads it.
+    """
+    cache = model.new_cache(1, len(ids))
+    h, e = forward_tokens(model, ids, 0, cache, policy, stats, logits=None, kv_fill="lazy")
+    d = int(e.max())
+    pool_and_head = model.config.dim * (len(classifier.labels) + len(ids))
+    stats.head_macs, stats.full_macs = stats.head_macs + pool_and_head, stats.full_macs + pool_and_head
+    return classifier(d, pooled(model, h)).float().softmax(-1), d
+
+
 def check_range(what, x, lo, hi):
     if not lo <= x <= hi:
-        raise UserError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
+        raise ValueError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------- the forward pass with exits
 
 
 # How the K/V of skipped layers are produced: ADEPT's batched fill, the layer-by-layer
-# reference, or not at all (the cache then masks those slots out: an ablation).
-KV_FILLS = {"decoupled": fill_decoupled, "sequential": fill_sequential, "none": None}
+# reference, lazily (each skipped layer only when a token still running reaches it: for a
+# single pass whose cache nobody reads afterwards, as in classification), or not at all
+# (the cache then masks those slots out: an ablation).
+KV_FILLS = {"decoupled": fill_decoupled, "sequential": fill_sequential, "lazy": None, "none": None}
 
 
-def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False, kv_fill="decoupled"):
+def forward_tokens(model, ids, start, cache, policy, stats, logits="last", kv_fill="decoupled"):
     """Run tokens ids [n] (batch of one sequence) at positions start.. through the model with per-token exit.
 
     Only active tokens are computed at each layer; they attend causally to every
     earlier position's K/V at that layer, exited tokens' filled K/V included.
-    Returns (logits, exit_layer): logits [n, vocab] if all_logits else [vocab] for the
-    last token, each from the head at its token's exit layer; exit_layer LongTensor [n].
+    Returns (out, exit_layer), exit_layer LongTensor [n]; out is the logits from the head at
+    each token's exit layer, [vocab] for the last token (logits="last") or [n, vocab] ("all"),
+    or with logits=None the tokens' exit hidden states [n, D] and no head at all.
     """
     L, n = model.config.n_layers, len(ids)
     pos = torch.arange(start, start + n, device=ids.device)
@@ -280,7 +372,10 @@ def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False, kv
     # The active tokens: their index among the n, positions, mask rows and h [1, n_active, D].
     # They change only when a token exits, so a layer nobody exits at costs no indexing.
     active, p, m, h = torch.arange(n, device=ids.device), pos, mask, model.tok_emb[ids][None]
+    pending = []  # lazy fill: (h, pos, e) of exited tokens, filled layer by layer as the others go on
     for i in range(1, L + 1):
+        for h_e, p_e, e in pending:
+            fill_layer(cache, model, h_e, p_e, e, i - 1)
         h, (q, k, v) = model.layer(i - 1, h, p, cache, m)
         if i == L or i < policy.min_layer:
             continue
@@ -290,15 +385,19 @@ def forward_tokens(model, ids, start, cache, policy, stats, all_logits=False, kv
         gone = active[out]
         exit_layer[gone] = i
         h_exit[gone] = h[0, out]
-        if KV_FILLS[kv_fill]:
+        if kv_fill == "lazy":
+            pending.append((h[0, out], p[out], i))
+        elif KV_FILLS[kv_fill]:
             KV_FILLS[kv_fill](cache, model, h[0, out], p[out], i)
         stay = ~out
         active, p, m, h = active[stay], p[stay], m[stay], h[:, stay]
         if len(active) == 0:
             break
     h_exit[active] = h[0]
-    count(stats, model, policy, pos, exit_layer, n if all_logits else 1, KV_FILLS[kv_fill])
-    return (model.head(h_exit) if all_logits else model.head(h_exit[-1])), exit_layer
+    count(stats, model, policy, pos, exit_layer, {"all": n, "last": 1, None: 0}[logits], kv_fill)
+    if logits is None:
+        return h_exit, exit_layer
+    return model.head(h_exit if logits == "all" else h_exit[-1]), exit_layer
 
 
 # ----------------------------------------------------------------------------- generation
@@ -320,12 +419,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens):
-    for flag, x, ok, need in (("--temperature", temperature, 0 <= temperature < math.inf, "a finite number >= 0 (0 = greedy)"),
-                              ("--top-k", top_k, top_k is None or top_k >= 1, ">= 1"),
-                              ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-                              ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")):
+    for name, x, ok, need in (("temperature", temperature, 0 <= temperature < math.inf, "a finite number >= 0 (0 = greedy)"),
+                              ("top_k", top_k, top_k is None or top_k >= 1, ">= 1"),
+                              ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+                              ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")):
         if not ok:
-            raise UserError(f"{flag} must be {need}, got {x}")
+            raise ValueError(f"{name} must be {need}, got {x}")
 
 
 @dataclass
@@ -352,7 +451,7 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
     policy = policy or FullDepth()
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if len(prompt_ids) == 0:
-        raise UserError("the prompt is empty; give some text with --prompt")
+        raise ValueError("prompt_ids is empty: there is nothing to continue")
     device = model.tok_emb.device
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, mask_unwritten=kv_fill == "none")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -383,52 +482,3 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-DEFAULT_EXITS = Path(__file__).resolve().parent / "exits" / "smollm2-135m-instruct.safetensors"
-DEFAULT_FILL = DEFAULT_EXITS.with_suffix(".fill.safetensors")
-
-
-def load_fill(model, path=None):
-    """Calibrate the model's KV fill (kv_cache.py) with a file from train_exits.py --calibrate; 'plain' leaves
-    the fill uncorrected; None takes the shipped file where it was measured on this model's weights, else plain."""
-    shipped, path = path is None, DEFAULT_FILL if path is None else path
-    fix = "make one with train_exits.py --calibrate or pass --fill plain"
-    if str(path) == "plain" or (shipped and not path.is_file()):
-        model.fill_mu = None
-        return model
-    meta, tensors = read_artifact(path, "fill calibration", fix, None if shipped else model)
-    if meta.get("base_model") != model_id(model):  # the shipped calibration belongs to another model
-        return load_fill(model, "plain")
-    mu, want = tensors.get("mu"), (model.config.n_layers + 1, model.config.dim)
-    if mu is None or tuple(mu.shape) != want:
-        raise UserError(f"{path} is damaged: it needs a tensor mu of shape {want}; {fix}")
-    model.fill_mu = mu.to(model.tok_emb.device, model.tok_emb.dtype)
-    return model
-
-
-# Each policy of the command line, with the settings it uses.
-POLICIES = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
-            "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}
-
-
-def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None):
-    """Build a policy from command-line settings; None = the policy's default. A setting the chosen
-    policy does not use is an error, not silently ignored."""
-    if name not in POLICIES:
-        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    for flag, value in {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer, "exits": exits}.items():
-        if value is not None and flag not in POLICIES[name]:
-            raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; "
-                            f"drop it{' (static exits every token at --exit-layer)' if name == 'static' else ''}")
-    L = model.config.n_layers
-    if min_layer is not None:
-        check_range("--min-layer", min_layer, 1, L)
-    if name == "router":
-        return RouterPolicy(Router.load(exits or DEFAULT_EXITS, model), threshold, min_layer)
-    if name == "full":
-        return FullDepth()
-    if name == "static":
-        return Static(min(24, L) if exit_layer is None else exit_layer, L)
-    default = 0.9 if name == "confidence" else 0.5
-    return Confidence(default if threshold is None else threshold, min_layer or 1, name == "entropy", model.config.vocab_size)

@@ -50,12 +50,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, FullDepth, PromptPolicy, Stats, forward_tokens, generate, load_fill, make_policy, sync
-from checkpoint import DTYPES, load, model_id
+from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, RouterGate, Static, Stats,
+                   classify, forward_tokens, generate, sync)
+from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
+                        model_id, read_labelled)
 from convert import default_checkpoint
-from data import generated_text
-from evaluate import check_output, evaluate, full_reference, record, report
-from model import UserError
+from data import bbc_news, generated_text, split, split_fingerprint
+from evaluate import check_output, evaluate, full_reference, record, report, wilson
+from sample import make_policy
 from tune_exits import load_tuning
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
@@ -249,6 +251,123 @@ def plots(records, model, tok, router_policy, out_dir):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- classification with exit classifiers
+
+
+def exit_classify_policies(clf, L, quick):
+    """(policy, setting) -> a function of the document's length that makes its policy: full depth,
+    static document depths, the confidence and patience gates, the router, and the token-level form
+    (the tokens before the last W leave at k, the document stops at the confidence gate)."""
+    taus = (0.99,) if quick else (0.9, 0.99, 0.999)
+    pols = {("full", None): lambda n: FullDepth()}
+    pols |= {("document-static", k): lambda n, k=k: Static(k, L) for k in ((6,) if quick else (3, 6, 12, 24))}
+    pols |= {("confidence", t): lambda n, t=t: DocumentExit(clf, MaxProb(t)) for t in taus}
+    pols |= {("patience", k): lambda n, k=k: DocumentExit(clf, Patience(k)) for k in ((3,) if quick else (3, 6))}
+    if clf.router is not None:
+        pols |= {("router", t): lambda n, t=t: DocumentExit(clf, RouterGate(clf.router, t))
+                 for t in ((0.5,) if quick else (0.5, 0.8))}
+    token_level = [(2, 128, 0.99)] if quick else [(2, 128, 0.99), (3, 64, 0.99), (4, 128, 0.999)]
+    pols |= {("token-level", f"k={k} W={W} tau={t}"):
+             lambda n, k=k, W=W, t=t: DocumentExit(clf, MaxProb(t), PromptPolicy(Static(k, L), FullDepth(), n - W))
+             for k, W, t in token_level}
+    return pols
+
+
+def run_exit_classify(model, clf, docs, pols):
+    """Every held-out document through every policy, full depth among them, in an order that rotates
+    from one document to the next (alternating); per policy: labels right, agreement with full depth's
+    label, decision layers, costs and each document's time. docs: [(ids, label index)]."""
+    keys = list(pols)
+    acc = {key: dict(correct=0, agree=0, layers=0, stats=Stats(), s=[]) for key in keys}
+    classify(model, clf, docs[0][0][:8], FullDepth(), Stats())  # warm-up
+    for j, (ids, label) in enumerate(docs):
+        out = {}
+        for key in keys[j % len(keys):] + keys[:j % len(keys)]:
+            t0 = time.perf_counter()
+            p, d = classify(model, clf, ids, pols[key](len(ids)), acc[key]["stats"])
+            sync(ids.device)
+            acc[key]["s"].append(time.perf_counter() - t0)
+            out[key] = (int(p.argmax()), d)
+        for key, (y, d) in out.items():
+            a = acc[key]
+            a["correct"] += y == label
+            a["agree"] += y == out[("full", None)][0]
+            a["layers"] += d
+        print(f"\r  classify with exit classifiers {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return acc
+
+
+def exit_classify_records(acc, n, text):
+    """One record per policy: accuracy (95% interval), agreement with full depth, mean decision layer,
+    the median over documents of full depth's time over the policy's, and the counters' ideal."""
+    full_s = acc[("full", None)]["s"]
+    records = []
+    for (name, setting), a in acc.items():
+        lo, hi = wilson(a["correct"], n)
+        records.append(record(name, setting, "classify-exits", n, a["agree"], a["stats"], text=text,
+                              accuracy=a["correct"] / n, accuracy_lo=lo, accuracy_hi=hi,
+                              full_accuracy=acc[("full", None)]["correct"] / n,
+                              mean_decision_layer=a["layers"] / n, timed=len(a["s"]),
+                              speedup=statistics.median(f / s for f, s in zip(full_s, a["s"])),
+                              ms=1000 * statistics.median(a["s"])))
+    return records
+
+
+def exit_classify(model, tok, path, quick):
+    """The classify-exits scenario on the classifier's held-out BBC News documents."""
+    clf = load_classifier(path, model)
+    labels, docs, _ = read_labelled(bbc_news())
+    _, held = split(docs, int(clf.meta["held_out"]), int(clf.meta["seed"]))
+    if labels != clf.labels or split_fingerprint(held) != clf.meta.get("held_out_fingerprint"):
+        raise UserError(f"{path} was not trained on this BBC News folder's split; retrain it with train_exits.py --classify")
+    n_tokens = int(clf.meta["tokens"])
+    held = held[:20] if quick else held
+    docs = [(torch.tensor(tok.encode(text)[:n_tokens], device=model.tok_emb.device), y) for _, text, y in held]
+    acc = run_exit_classify(model, clf, docs, exit_classify_policies(clf, model.config.n_layers, quick))
+    return exit_classify_records(acc, len(docs), f"BBC News, held out ({len(docs)} of {clf.meta['documents']})")
+
+
+def plot_exit_classify(records, out_dir):
+    """exit_classify.png: accuracy (95% interval) against measured speed-up, one series per policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in records if r["scenario"] == "classify-exits"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["speedup"], r["accuracy"], r["accuracy"] - r["accuracy_lo"], r["accuracy_hi"] - r["accuracy"])
+                     for r in rows if r["policy"] == name)
+        x, y, lo, hi = zip(*pts)
+        ax.errorbar(x, y, yerr=(lo, hi), fmt="k*" if name == "full" else "o-", label=name, markersize=6, capsize=2)
+    ax.set(title=f"BBC News, exit classifiers on SmolLM2-135M (n = {rows[0]['n']} held-out articles)",
+           xlabel="speed-up over full-depth classification (measured, median of per-article ratios)",
+           ylabel="accuracy against the section (95% interval)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "exit_classify.png", dpi=110)
+    plt.close(fig)
+
+
+def finish(args, argv, model, records, t0, meta):
+    """Print the records as a table; write them with the run's facts to --json, the classify-exits
+    plot to --plots."""
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`\n")
+    print(report(records))
+    if args.json:
+        meta = {"command": command, "model": model.name, "base_model": model_id(model), "dtype": args.dtype,
+                "device": args.device, "machine": machine, "seconds": round(time.time() - t0)} | meta
+        Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    if args.plots and any(r["scenario"] == "classify-exits" for r in records):
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plot_exit_classify(records, Path(args.plots))
+    print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint")
@@ -267,6 +386,9 @@ def main(argv=None):
                    "quick 10, for the default model; 0 = none)")
     p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
     p.add_argument("--classify-only", action="store_true", help="the classify scenario alone (a supplementary run)")
+    p.add_argument("--classifier", help="exit classifiers of the classify-exits scenario (default: the shipped BBC News "
+                   "ones, for the default model)")
+    p.add_argument("--classifier-only", action="store_true", help="the classify-exits scenario alone")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
     args = p.parse_args(argv)
@@ -290,6 +412,12 @@ def main(argv=None):
     plain.fill_mu = None
     models = {"base": model} | ({"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {})
     L, context = model.config.n_layers, model.config.max_seq_len
+    t0 = time.time()
+    classifier = args.classifier or (DEFAULT_CLASSIFIER if not args.checkpoint and DEFAULT_CLASSIFIER.is_file() else None)
+    if args.classifier_only:
+        if not classifier:
+            raise UserError("--classifier-only needs exit classifiers: give them with --classifier FILE")
+        return finish(args, argv, model, exit_classify(model, tok, classifier, args.quick), t0, {"classifier": str(classifier)})
     shipped = args.tuning and Path(args.tuning).resolve() == DEFAULT_EXITS.with_suffix(".tuning.safetensors").resolve()
     exits = {"base": args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None),  # shipped routers
              "tuned": args.tuned_exits or (DEFAULT_EXITS.with_suffix(".tuned-router.safetensors") if shipped else None)}
@@ -325,7 +453,6 @@ def main(argv=None):
                                                                              FullDepth(), "last")) for t in (0.4, 0.45, 0.5, 0.52)}
     setting = lambda which, name, s: float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
     full = (("base", "full", None), (model, FullDepth()))  # the reference, run before the others each time
-    t0 = time.time()
     docs = lambda text, n, k: human_documents(tok, n, k)[0] if text == "human" else [d for d, _ in generated_documents(model, tok, n, k)]
     texts = {n: {text: docs(text, n, k) for text, k in docs_at(n == lengths[0]).items()} for n in lengths}
     generated = generated_documents(model, tok, lengths[0], docs_at(True)["generated"])
@@ -385,24 +512,19 @@ def main(argv=None):
                     for (which, name, s), r in out.items()]
         print(f"{scenario}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`; decode: {n_prompts} prompts x {n_new} "
-          f"greedy tokens, each prompt paired with full depth on it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts (prefill); "
-          f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval\n")
-    print(report(records))
-    if args.json:
-        meta = {"command": command, "model": model.name, "base_model": model_id(model), "tuning": args.tuning,
-                "exits": {k: v and str(v) for k, v in exits.items()}, "dtype": args.dtype,
-                "device": args.device, "machine": machine, "repeats": repeats, "seconds": round(time.time() - t0)}
-        Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    if classifier:
+        records += exit_classify(model, tok, classifier, args.quick)
+    print(f"\n{model.name}: decode: {n_prompts} prompts x {n_new} greedy tokens, each prompt paired with full depth on "
+          f"it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts (prefill); "
+          f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval")
+    finish(args, argv, model, records, t0, {"tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
+                                            "classifier": classifier and str(classifier), "repeats": repeats})
     if args.plots:
         plots(records, model, tok, policies.get(("base", "router", None), (0, make_policy("static", model)))[1], Path(args.plots))
-    print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
         sys.exit(f"error: {e}")

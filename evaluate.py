@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import UserError
+
 from adept import Confidence, FullDepth, RouterPolicy, Static, Stats, forward_tokens
-from model import UserError
 
 
 def wilson(k, n, z=1.96):
@@ -54,7 +55,7 @@ def evaluate(model, seqs, policy, ref):
         t = torch.tensor(ids, device=model.tok_emb.device)
         if start:
             forward_tokens(model, t[:start], 0, cache, policy, Stats())  # the prompt: exits here change the cache
-        logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, all_logits=True)
+        logits, _ = forward_tokens(model, t[start:], start, cache, policy, stats, logits="all")
         logp = logits.float().log_softmax(-1)
         n, n_agree = n + len(r), n_agree + int((logp.argmax(-1) == r.argmax(-1)).sum())
         kl += float((r.exp() * (r - logp)).sum())

@@ -87,10 +87,15 @@ def fill_decoupled(cache, model, h, pos, e):
     cache.write(slice(e, None), pos, k[:, None], v[:, None])  # [S, B=1, n, kv_heads, hd]
 
 
+def fill_layer(cache, model, h, pos, e, i):
+    """Layer i's K/V (0-indexed, i >= e) for tokens that exited after layer e with states h [n, D]."""
+    c, mu = model.config, model.fill_mu
+    x = F.rms_norm(h if mu is None else h + (mu[i] - mu[e]), (c.dim,), model.attn_norm[i], c.norm_eps)
+    k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, len(pos), 2, c.n_kv_heads, c.head_dim).unbind(2)
+    cache.write(i, pos, model.rope(k, pos), v)  # [B=1, n, kv_heads, hd]
+
+
 def fill_sequential(cache, model, h, pos, e):
     """Reference for `fill_decoupled`: the same formula, one skipped layer after another."""
-    c, mu = model.config, model.fill_mu
-    for i in range(e, c.n_layers):
-        x = F.rms_norm(h if mu is None else h + (mu[i] - mu[e]), (c.dim,), model.attn_norm[i], c.norm_eps)
-        k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, len(pos), 2, c.n_kv_heads, c.head_dim).unbind(2)  # [B=1, n, ...]
-        cache.write(i, pos, model.rope(k, pos), v)
+    for i in range(e, model.config.n_layers):
+        fill_layer(cache, model, h, pos, e, i)

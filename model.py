@@ -17,10 +17,6 @@ import torch.nn.functional as F
 from kv_cache import KVCache, SequenceCache
 
 
-class UserError(Exception):
-    """A problem with the user's input; the command line prints it as one line."""
-
-
 @dataclass
 class Config:
     dim: int
@@ -85,7 +81,7 @@ class Transformer(torch.nn.Module):
     def new_cache(self, batch, max_len, mask_unwritten=False) -> KVCache:
         c = self.config
         if max_len > c.max_seq_len:
-            raise UserError(f"{max_len} tokens exceed the model's context length of {c.max_seq_len}; "
+            raise ValueError(f"{max_len} tokens exceed the model's context length of {c.max_seq_len}; "
                             "use a shorter prompt or fewer new tokens")
         return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype, self.tok_emb.device,
                        mask_unwritten)

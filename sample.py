@@ -4,15 +4,17 @@ Each generated token is shown with the depth at which it exited (coloured on a
 terminal, `text[depth]` otherwise), then a summary of layers used and speed.
 """
 import argparse
+import math
 import sys
 import time
 
 import torch
 
-from adept import DEFAULT_EXITS, DEFAULT_FILL, POLICIES, FullDepth, check_sampling, generate, load_fill, make_policy
-from checkpoint import DTYPES, load
+from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static, Stats,
+                   classify, generate)
+from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier, load_fill,
+                        load_router)
 from convert import default_checkpoint
-from model import UserError
 from tune_exits import load_tuning
 
 def parse_args(argv=None):
@@ -27,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="use the model's chat template (default: if it has one)")
-    p.add_argument("--policy", choices=POLICIES, help="exit policy (default: router if one exists for the model, else full)")
+    p.add_argument("--policy", help=f"exit policy, NAME or NAME:VALUE: {', '.join(POLICIES)}, e.g. router:0.43, "
+                   "static:24, confidence:0.9 (default: router if one exists for the model, else full)")
     p.add_argument("--tuning", help="merge this exit-tuning delta (train_exits.py --tune) into the model; use a router trained for it")
     p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
@@ -37,8 +40,72 @@ def parse_args(argv=None):
     p.add_argument("--prompt-exits", help="a router for prompt tokens (train_exits.py --target prompt) instead")
     p.add_argument("--fill", help=f"fill calibration from train_exits.py --calibrate, or 'plain' (default: {DEFAULT_FILL.name})")
     p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")
+    p.add_argument("--classify", metavar="FILE", help="classify the prompt with these exit classifiers "
+                   "(train_exits.py --classify) instead of generating; --policy confidence (the file's gate), "
+                   "router, static or full")
     p.add_argument("--no-color", action="store_true", help="plain text with [depth] after each token")
     return p.parse_args(argv)
+
+
+# Each policy of the command line, with the settings it uses.
+# Each policy of the command line, with the settings it uses. `--policy NAME:VALUE` gives its
+# setting in one word: router:0.43 and confidence:0.9 (a threshold), static:24 (the exit layer).
+POLICIES = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
+            "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}
+
+
+def parse_policy(spec, threshold=None, exit_layer=None):
+    """(name, threshold, exit_layer) from `--policy NAME[:VALUE]` and the separate flags."""
+    name, _, value = (spec or "").partition(":")
+    if not value:
+        return name, threshold, exit_layer
+    what = "exit_layer" if name == "static" else "threshold"
+    if (exit_layer if what == "exit_layer" else threshold) is not None:
+        raise UserError(f"--policy {spec} gives the {what.replace('_', ' ')} already; drop --{what.replace('_', '-')}")
+    try:
+        x = int(value) if what == "exit_layer" else float(value)
+    except ValueError:
+        raise UserError(f"--policy {spec}: {value!r} is not a {'layer' if what == 'exit_layer' else 'number'}") from None
+    return (name, None, x) if what == "exit_layer" else (name, x, None)
+
+
+def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None):
+    """Build a policy from command-line settings (`name` may be NAME:VALUE); None = the policy's
+    default. A setting the chosen policy does not use is an error, not silently ignored."""
+    name, threshold, exit_layer = parse_policy(name, threshold, exit_layer)
+    if name not in POLICIES:
+        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    settings = {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer, "exits": exits}
+    for flag, value in settings.items():
+        if value is not None and flag not in POLICIES[name]:
+            raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; drop it"
+                            f"{' (static exits every token at --exit-layer)' if name == 'static' else ''}")
+    L = model.config.n_layers
+    if min_layer is not None and not 1 <= min_layer <= L:
+        raise UserError(f"--min-layer {min_layer} is out of range; it must be in [1, {L}]")
+    try:
+        if name == "router":
+            return RouterPolicy(load_router(exits or DEFAULT_EXITS, model), threshold, min_layer)
+        if name == "full":
+            return FullDepth()
+        if name == "static":
+            return Static(min(24, L) if exit_layer is None else exit_layer, L)
+        default = 0.9 if name == "confidence" else 0.5
+        return Confidence(default if threshold is None else threshold, min_layer or 1, name == "entropy",
+                          model.config.vocab_size)
+    except ValueError as e:  # a setting out of range, named by the policy
+        raise UserError(f"--policy {name}: {e}") from None
+
+
+def check_sampling_flags(args):
+    top_p = 1.0 if args.top_p is None else args.top_p
+    for flag, x, ok, need in (
+            ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "a finite number >= 0 (0 = greedy)"),
+            ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
+            ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1")):
+        if not ok:
+            raise UserError(f"{flag} must be {need}, got {x}")
 
 
 def printer(tok, n_layers, show_depth, use_colour):
@@ -78,8 +145,10 @@ def main(argv=None):
         raise UserError("--compare measures decode speed, which needs --max-new-tokens >= 2")
     if not 0 <= args.seed < 2 ** 64:
         raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
-    check_sampling(args.temperature, args.top_k, 1.0 if args.top_p is None else args.top_p, args.max_new_tokens)
+    check_sampling_flags(args)
     torch.manual_seed(args.seed)
+    if args.classify:
+        return classify_main(args)
     ckpt = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])
@@ -119,10 +188,56 @@ def main(argv=None):
         print(f"full model's text: {tok.decode(f.tokens)!r}", file=sys.stderr)
 
 
+def document_policy(args, clf, L):
+    """The policy of a document: the classifier file's confidence gate, its router, static or full."""
+    name, threshold, exit_layer = parse_policy(args.policy or "confidence", args.threshold, args.exit_layer)
+    if name not in ("confidence", "router", "static", "full"):
+        raise UserError(f"--policy {name} does not classify; choose confidence, router, static or full")
+    if threshold is not None and name not in ("confidence", "router"):
+        raise UserError(f"--threshold does nothing with --policy {name}; drop it")
+    if exit_layer is not None and name != "static":
+        raise UserError("--exit-layer belongs to --policy static; add it or drop --exit-layer")
+    if name == "full":
+        return name, FullDepth()
+    if name == "static":
+        return name, Static(exit_layer or L // 5, L)
+    if name == "router":
+        if clf.router is None:
+            raise UserError(f"{args.classify} holds no router; choose --policy confidence")
+        return name, DocumentExit(clf, RouterGate(clf.router, 0.5 if threshold is None else threshold))
+    tau = float(clf.meta.get("policy", "confidence:0.99").split(":")[1]) if threshold is None else threshold
+    return name, DocumentExit(clf, MaxProb(tau))
+
+
+def classify_main(args):
+    """--classify: the prompt's label, its probability, the layer it was read at and the time."""
+    t0 = time.perf_counter()
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
+    clf = load_classifier(args.classify, model)
+    load_fill(model, args.fill)
+    L = model.config.n_layers
+    name, policy = document_policy(args, clf, L)
+    ids = torch.tensor(tok.encode(args.prompt)[:int(clf.meta.get("tokens", 256))], device=model.tok_emb.device)
+    print(f"[{model.name}: {L} layers, loaded in {time.perf_counter() - t0:.1f}s; policy {name}; "
+          f"{len(ids)} tokens read]", file=sys.stderr)
+    classify(model, clf, ids[:8], FullDepth(), Stats())  # warm-up: the first call pays for allocations
+    runs = {}
+    for key, pol in [("adept", policy)] + ([("full", FullDepth())] if args.compare else []):
+        stats, t0 = Stats(), time.perf_counter()
+        p, d = classify(model, clf, ids, pol, stats)
+        runs[key] = (p, d, stats, time.perf_counter() - t0)
+    p, d, stats, s = runs["adept"]
+    print(f"{clf.labels[int(p.argmax())]} (p = {float(p.max()):.3f}), read at layer {d} of {L} in {s * 1000:.0f} ms")
+    if args.compare:
+        fp, _, _, fs = runs["full"]
+        print(f"full depth: {clf.labels[int(fp.argmax())]} (p = {float(fp.max()):.3f}) in {fs * 1000:.0f} ms; "
+              f"speed ratio {fs / s:.2f}x (ideal from the counters {stats.ideal_speedup:.2f}x)")
+
+
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

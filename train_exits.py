@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import DEFAULT_EXITS, Router, RouterPolicy, check_range, load_fill
-from checkpoint import DTYPES, UserError, load, model_id
+from adept import ExitClassifier, Router, RouterPolicy, pooled
+from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fill, load_router, model_id,
+                        read_labelled, save_classifier, save_router)
 from convert import default_checkpoint
-from data import chunks, docstrings, generated_text, read_text, resume, save_atomic
+from data import chunks, docstrings, generated_text, read_text, resume, save_atomic, split, split_fingerprint
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
 from kv_cache import skipped_kv
 from tune_exits import load_tuning, tune_main
@@ -174,6 +175,112 @@ def pick_threshold(model, router, min_layer, seqs, target, base=None):
     return best[0]
 
 
+# ----------------------------------------------------------------------------- exit classifiers (--classify)
+
+
+@torch.inference_mode()
+def document_features(model, tok, docs, n_tokens, ckpt=None, recipe=None):
+    """Pooled features [L, N, D] of every layer for each document's first n_tokens, from one
+    full-depth pass each (model.forward with its hidden states); resumable from `ckpt`."""
+    from tqdm import tqdm
+    state = resume(ckpt, recipe) or {"feats": {}, "recipe": recipe}
+    for j, (name, text, _) in enumerate(tqdm(docs, desc="features", leave=False)):
+        if name not in state["feats"]:
+            hs, ids = [], torch.tensor([tok.encode(text)[:n_tokens]], device=model.tok_emb.device)
+            model(ids, hidden_states=hs)
+            state["feats"][name] = torch.stack([pooled(model, h[0]) for h, *_ in hs]).float().cpu()
+        if ckpt and (j % 100 == 99 or j == len(docs) - 1):
+            save_atomic(state, ckpt)
+    return torch.stack([state["feats"][name] for name, *_ in docs], 1)
+
+
+def fit_heads(clf, feats, y, steps=300, lr=0.05, weight_decay=1e-3):
+    """Logistic regression of every layer's head at once (full batch, Adam): feats [L, N, D], y [N]."""
+    clf.mu.copy_(feats.mean(1))
+    clf.sd.copy_(feats.std(1) + 1e-6)
+    opt = torch.optim.Adam([clf.w, clf.b], lr=lr, weight_decay=weight_decay)
+    L = feats.shape[0]
+    for _ in range(steps):
+        logits = torch.stack([clf(i + 1, feats[i]) for i in range(L)])  # [L, N, C]
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(L))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf
+
+
+def out_of_fold(model, labels, feats, y, folds=2, seed=0):
+    """Each training document's label probabilities [L, N, C] from heads fitted on the other folds:
+    what held-out documents will see, for the gate's training and its threshold."""
+    N = feats.shape[1]
+    fold = torch.randperm(N, generator=torch.Generator().manual_seed(seed)) % folds
+    probs = torch.empty(feats.shape[0], N, len(labels))
+    for f in range(folds):
+        clf = fit_heads(ExitClassifier(model.config, labels), feats[:, fold != f], y[fold != f])
+        with torch.no_grad():
+            part = feats[:, fold == f]
+            probs[:, fold == f] = torch.stack([clf(i + 1, part[i]) for i in range(len(part))]).softmax(-1)
+    return probs
+
+
+def confidence_gate(probs, y, slack=0.005):
+    """The lowest confidence threshold whose first-settled layers keep the accuracy within `slack`
+    of full depth's, on out-of-fold probabilities [L, N, C]: (threshold, mean exit layer, accuracy)."""
+    L, full = probs.shape[0], float((probs[-1].argmax(-1) == y).float().mean())
+    best = (1.0, float(L), full)
+    for tau in (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999):
+        sure = probs.max(-1).values >= tau
+        sure[-1] = True
+        d = sure.float().argmax(0)  # the first settled layer, 0-based
+        acc = float((probs[d, torch.arange(len(y))].argmax(-1) == y).float().mean())
+        if acc >= full - slack and float(d.float().mean()) + 1 < best[1]:
+            best = (tau, float(d.float().mean()) + 1, acc)
+    return best
+
+
+def train_classify(model, tok, args, out, runs):
+    """--classify DIR: exit classifiers on the frozen model, their confidence gate and router."""
+    labels, docs, notes = read_labelled(args.classify)
+    if len(docs) <= args.held_out:
+        raise UserError(f"{args.classify} has {len(docs)} documents; --held-out {args.held_out} leaves none to train on")
+    train_docs, held = split(docs, args.held_out, args.seed)
+    print(f"{len(docs)} documents ({notes}), {len(labels)} labels; {len(held)} held out", file=sys.stderr)
+    t0 = time.time()
+    recipe = {"model": model_id(model), "tokens": args.tokens}
+    feats = document_features(model, tok, train_docs, args.tokens, runs / f"{out.stem}.features.pt", recipe)
+    y = torch.tensor([j for *_, j in train_docs])
+    print(f"features of {len(train_docs)} documents x {feats.shape[0]} layers ({time.time() - t0:.0f}s)", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    probs = out_of_fold(model, labels, feats, y, seed=args.seed)
+    acc = (probs.argmax(-1) == y).float().mean(1)
+    print("out-of-fold accuracy by layer: " + " ".join(f"{i + 1}:{a:.3f}" for i, a in enumerate(acc.tolist())),
+          file=sys.stderr)
+    tau, mean_exit, gate_acc = confidence_gate(probs, y)
+    print(f"confidence gate {tau}: mean exit {mean_exit:.1f}, accuracy {gate_acc:.1%} (full {acc[-1]:.1%})", file=sys.stderr)
+    clf = fit_heads(ExitClassifier(model.config, labels), feats, y)
+    clf.router = train_gate_router(model, clf, feats, probs, args)
+    meta = {"base_model": model_id(model), "pooling": POOLING, "tokens": args.tokens, "policy": f"confidence:{tau}",
+            "router_threshold": 0.5, "seed": args.seed, "held_out": args.held_out, "documents": len(docs),
+            "read": notes, "held_out_fingerprint": split_fingerprint(held),
+            "lam": args.lam, "beta": args.beta}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(clf, out, meta)
+    print(f"wrote {out} ({time.time() - t0:.0f}s)", file=sys.stderr)
+
+
+def train_gate_router(model, clf, feats, probs, args):
+    """The learned gate: a Router on (pooled features | head probabilities), trained with the
+    preference reward where T(i) = 1 if layer i's head gives the label full depth's head gives."""
+    c, C = model.config, len(clf.labels)
+    x = torch.cat((feats, probs), -1)[:-1]  # [L-1, N, D + C]: the state at each layer a gate is asked
+    T = (probs.argmax(-1) == probs[-1].argmax(-1)).float()
+    router = Router(c, args.hidden, n_features=c.dim + C)
+    router.mu[:-1], router.sd[:-1] = x.mean(1), x.std(1) + 1e-6
+    train(router, x, preference_labels(T, args.lam, args.beta), args.epochs, seed=args.seed, batch=128,
+          progress=False)
+    return router
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
@@ -218,6 +325,11 @@ def main(argv=None):
     t.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
     t.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
     t.add_argument("--eval-every", type=int, default=25, help="steps between held-out estimates and checkpoints")
+    k = p.add_argument_group("exit classifiers (--classify): a head per layer on a document's pooled features")
+    k.add_argument("--classify", metavar="DIR", help="train exit classifiers on this folder (one subfolder of .txt "
+                   "files per label) and write them to --out (default: exits/<model>.classify.safetensors)")
+    k.add_argument("--tokens", type=int, default=256, help="each document's first tokens that are read")
+    k.add_argument("--held-out", type=int, default=825, help="documents held out of training (seeded by --seed)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="router runs only: exit tuning trains in float32")
     p.add_argument("--all-gates", action="store_true",
@@ -229,7 +341,10 @@ def main(argv=None):
     # everything the user gave is checked before the minutes of work start
     if args.checkpoint and not args.out and not args.tune:
         raise UserError("with --checkpoint, name the router file to write with --out")
-    out = Path(args.out) if args.out else DEFAULT_EXITS.with_suffix(".prompt.safetensors") if args.target == "prompt" else DEFAULT_EXITS
+    if args.classify and (args.tune or args.eval or args.calibrate or args.target == "prompt"):
+        raise UserError("--classify trains exit classifiers; run --tune, --eval, --calibrate or --target separately")
+    suffix = ".classify.safetensors" if args.classify else ".prompt.safetensors" if args.target == "prompt" else None
+    out = Path(args.out) if args.out else DEFAULT_EXITS.with_suffix(suffix) if suffix else DEFAULT_EXITS
     for what, ok, need in [("--lam", 0 < args.lam < math.inf, "> 0"), ("--beta", 0 < args.beta < math.inf, "> 0"),
                            ("--epochs", args.epochs >= 1, ">= 1"), ("--hidden", args.hidden >= 1, ">= 1"),
                            ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
@@ -240,6 +355,7 @@ def main(argv=None):
                            ("--tune-steps", args.tune_steps >= 1, ">= 1"), ("--tune-lr", 0 < args.tune_lr < math.inf, "> 0"),
                            ("--tune-batch", args.tune_batch >= 1, ">= 1"), ("--tune-len", args.tune_len >= 2, ">= 2"),
                            ("--exit-rate", 0 <= args.exit_rate <= 1, "in [0, 1]"), ("--gen-seeds", args.gen_seeds >= 1, ">= 1"),
+                           ("--tokens", args.tokens >= 1, ">= 1"), ("--held-out", args.held_out >= 1, ">= 1"),
                            ("--final-weight", 0 < args.final_weight < math.inf, "> 0"), ("--eval-every", args.eval_every >= 1, ">= 1")]:
         if not ok:
             raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
@@ -278,14 +394,17 @@ def main(argv=None):
     L = model.config.n_layers
     if args.min_layer is None:  # on SmolLM2-135M asking from 20 rather than 12 kept agreement, cost less (docs/RESULTS.md)
         args.min_layer = 2 * L // 3
-    check_range("--min-layer", args.min_layer, 1, L)
+    if not 1 <= args.min_layer <= L:
+        raise UserError(f"--min-layer {args.min_layer} is out of range; it must be in [1, {L}]")
     args.exit_layers = args.exit_layers or [max(1, L - 8), L - 1]
     if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
         raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy 1 <= LO <= HI <= {L}")
+    if args.classify:
+        return train_classify(model, tok, args, out, runs)
     if args.tune:
         return tune_main(model, tok, args, tuning_out, runs)
     base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None  # what agreement is measured against
-    router = Router.load(out, model) if args.eval and not args.no_router else None
+    router = load_router(out, model) if args.eval and not args.no_router else None
     t0 = time.time()
     data = build_data(base or model, tok, args)
     for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
@@ -320,7 +439,7 @@ def main(argv=None):
         # a prompt router is judged where its tokens are read, by bench.py's prefill and label figures; 0.5 = even odds
         threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)
         out.parent.mkdir(parents=True, exist_ok=True)
-        router.save(Path(f"{out}.tmp"), {"base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
+        save_router(router, Path(f"{out}.tmp"), {"base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
                                          "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer,
                                          "lam": args.lam, "beta": args.beta, "seed": args.seed, "epochs": args.epochs,
                                          "target": args.target, "fill": "calibrated" if model.fill_mu is not None else "plain"})
@@ -348,5 +467,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
+    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
         sys.exit(f"error: {e}")

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from checkpoint import model_id, read_artifact
-from model import UserError
+from checkpoint import UserError, model_id, read_artifact
 from data import NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, resume, save_atomic
 
 # ----------------------------------------------------------------------------- low-rank deltas

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
-                   make_policy, model_id)
+from adept import Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate
+from checkpoint import model_id
+from sample import make_policy
 from conftest import reference_forward
 from kv_cache import fill_decoupled, fill_sequential
-from model import UserError
+from checkpoint import UserError, load_router, save_router
 from train_exits import router_features
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -47,7 +48,7 @@ def prompt(model, n, seed=0):
 def run(model, ids, policy, cache=None):
     cache = cache or model.new_cache(1, len(ids))
     with torch.no_grad():
-        logits, exits = forward_tokens(model, ids, 0, cache, policy, Stats(), all_logits=True)
+        logits, exits = forward_tokens(model, ids, 0, cache, policy, Stats(), logits="all")
     return logits, exits, cache
 
 
@@ -56,7 +57,7 @@ def one_by_one(model, ids, policy):
     logits, exits = [], []
     with torch.no_grad():
         for t in range(len(ids)):
-            lg, e = forward_tokens(model, ids[t:t + 1], t, cache, policy, Stats(), all_logits=True)
+            lg, e = forward_tokens(model, ids[t:t + 1], t, cache, policy, Stats(), logits="all")
             logits.append(lg)
             exits.append(e)
     return torch.cat(logits), torch.cat(exits), cache
@@ -180,19 +181,19 @@ def test_full_generation_equals_argmax_of_plain_forward(tiny):
     assert g.tokens == seq[5:]
 
 
-def test_thresholds_out_of_range_are_refused(tiny):
+def test_settings_out_of_range_are_refused_by_name(tiny):
     model, *_ = tiny
     L = model.config.n_layers
     for bad in (-0.1, 1.5):
-        with pytest.raises(UserError, match="confidence threshold .* out of range"):
+        with pytest.raises(ValueError, match="confidence threshold .* out of range"):
             Confidence(bad)
-    with pytest.raises(UserError, match="entropy threshold .* out of range"):
+    with pytest.raises(ValueError, match="entropy threshold .* out of range"):
         Confidence(-1.0, entropy=True, vocab_size=model.config.vocab_size)
-    with pytest.raises(UserError, match="static exit layer 7 is out of range"):
+    with pytest.raises(ValueError, match="static exit layer 7 is out of range"):
         Static(L + 1, L)
     with pytest.raises(UserError, match="--min-layer 0 is out of range"):
         make_policy("confidence", model, min_layer=0)
-    with pytest.raises(UserError, match="router threshold 2.0 is out of range"):
+    with pytest.raises(ValueError, match="router threshold 2.0 is out of range"):
         RouterPolicy(Router(model.config), 2.0)
 
 
@@ -249,7 +250,7 @@ def test_cost_counters_follow_the_exit_layers(tiny):
 def router_file(model, path, **meta):
     c = model.config
     r = Router(c)
-    r.save(path, {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim, "threshold": 0.7,
+    save_router(r, path, {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim, "threshold": 0.7,
                   "lam": 1.0, "beta": 1.0} | meta)
     return r
 
@@ -257,27 +258,30 @@ def router_file(model, path, **meta):
 def test_router_file_round_trips_and_runs(tiny, tmp_path):
     model, *_ = tiny
     r = router_file(model, tmp_path / "r.safetensors")
-    loaded = Router.load(tmp_path / "r.safetensors", model)
+    loaded = load_router(tmp_path / "r.safetensors", model)
     assert loaded.meta["threshold"] == "0.7"
     for name, t in r.state_dict().items():
         assert torch.equal(t, loaded.state_dict()[name])
     policy = make_policy("router", model, exits=tmp_path / "r.safetensors")
     assert policy.threshold == 0.7
-    generate(model, prompt(model, 6).tolist(), 4, policy)
+    ids = prompt(model, 6).tolist()
+    g, want = generate(model, ids, 4, policy), generate(model, ids, 4, RouterPolicy(r, threshold=0.7))
+    assert g.tokens == want.tokens and g.exit_layers == want.exit_layers  # the file decides as the router it was saved from
+    assert len(g.tokens) == 4 and all(1 <= e <= model.config.n_layers for e in g.exit_layers)
 
 
 def test_router_for_another_model_is_refused(tiny, tmp_path):
     model, *_ = tiny
     router_file(model, tmp_path / "other.safetensors", base_model="SmolLM2-1.7B:0123456789ab")
     with pytest.raises(UserError, match="was made for SmolLM2-1.7B.* not for this model"):
-        Router.load(tmp_path / "other.safetensors", model)
+        load_router(tmp_path / "other.safetensors", model)
     r = router_file(model, tmp_path / "other-features.safetensors")
     save_file(r.state_dict(), str(tmp_path / "other-features.safetensors"), metadata=r.meta | {"features": "h|q"})
     with pytest.raises(UserError, match="uses features"):
-        Router.load(tmp_path / "other-features.safetensors", model)
+        load_router(tmp_path / "other-features.safetensors", model)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable router file"):
-        Router.load(tmp_path / "junk.safetensors", model)
+        load_router(tmp_path / "junk.safetensors", model)
 
 
 def test_kv_fill_modes(tiny):
@@ -290,7 +294,7 @@ def test_kv_fill_modes(tiny):
     assert runs["none"].decode.fill_macs == 0 and runs["decoupled"].decode.fill_macs > 0
     cache = model.new_cache(1, 10, mask_unwritten=True)
     with torch.no_grad():
-        logits, _ = forward_tokens(model, prompt(model, 10), 0, cache, pattern, Stats(), all_logits=True, kv_fill="none")
+        logits, _ = forward_tokens(model, prompt(model, 10), 0, cache, pattern, Stats(), logits="all", kv_fill="none")
     assert torch.isfinite(logits).all()
     assert cache.written[:, 2].tolist() == [True] + [False] * (L - 1)  # token 2 exited at layer 1: nothing above
     decoupled, _, _ = run(model, prompt(model, 10), pattern)
@@ -335,14 +339,14 @@ def test_damaged_router_files_are_refused(tiny, tmp_path, change):
     bad = {"nan": w2.index_fill(1, torch.tensor([0]), float("nan")), "shape": w2[:, :5].contiguous(), "int": w2.long()}[change]
     damage(tmp_path / "r.safetensors", w2=bad)
     with pytest.raises(UserError, match="is damaged: tensor w2"):
-        Router.load(tmp_path / "r.safetensors", model)
+        load_router(tmp_path / "r.safetensors", model)
 
 
 def test_router_metadata_that_does_not_parse_is_refused(tiny, tmp_path):
     model, *_ = tiny
     router_file(model, tmp_path / "r.safetensors", threshold="high")
     with pytest.raises(UserError, match="malformed metadata"):
-        Router.load(tmp_path / "r.safetensors", model)
+        load_router(tmp_path / "r.safetensors", model)
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm"])

@@ -1,5 +1,6 @@
 """bench.py: the record schema, the interval, and the prefill scenario against full depth."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adept import FullDepth, PromptPolicy, Router, Static, Stats, model_id
+from adept import FullDepth, PromptPolicy, Router, Static, Stats
+from checkpoint import UserError, model_id, save_router
+import bench
 from bench import LABELS, labelled_documents, prefill_last, run_prefill
 from evaluate import wilson
 
 REPO = Path(__file__).resolve().parent.parent
+# What bench.py's wrapper prints as one "error:" line (UserError; a ValueError the mechanism raises for an argument it
+# refuses by name). Checked in-process; the wrapper itself by test_bench_cli_reports_bad_input_in_one_line.
+CLI_ERRORS = (UserError, ValueError)
 SCHEMA = {"policy", "setting", "scenario", "model", "reference", "n", "mean_exit_layer", "compute_saved", "agreement",
           "agreement_lo", "agreement_hi"}
 
@@ -74,17 +80,17 @@ def test_labelled_documents_are_bbc_articles_with_the_question_in_the_chat_templ
     assert all(len(ids) < 64 + 120 for ids, _, _ in docs) and len(LABELS) == 5
 
 
-def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # token labels in exit_depths.png
+def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path, monkeypatch):
     model, *_, ckpt = tiny
     c = model.config
     router = Router(c)
-    router.save(tmp_path / "r.safetensors", {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim,
+    save_router(router, tmp_path / "r.safetensors", {"base_model": model_id(model), "n_layers": c.n_layers, "dim": c.dim,
                                               "threshold": 0.5, "min_layer": 2, "lam": 4.0, "beta": 1.0})
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(ckpt), "--exits",
-                        str(tmp_path / "r.safetensors"), "--json", str(out), "--plots", str(tmp_path / "plots")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--quick", "--checkpoint", str(ckpt), "--exits", str(tmp_path / "r.safetensors"), "--json", str(out),
+                "--plots", str(tmp_path / "plots")])
     data = json.loads(out.read_text())
     assert set(data) == {"meta", "records"}
     records = data["records"]
@@ -113,8 +119,18 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path):
                                           (["--json", "no/dir/b.json"], "the folder no/dir does not exist"),
                                           (["--prefill-lengths", "0"], "--prefill-lengths must be >= 2"),
                                           (["--tuned-exits", "r.safetensors"], "give the delta with --tuning too")])
-def test_bench_bad_output_paths_fail_before_any_work(tiny, tmp_path, args, message):
+def test_bench_bad_output_paths_fail_before_any_work(tiny, tmp_path, monkeypatch, args, message):
     (tmp_path / "bench.json").write_text("{}")
-    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(tiny[4]), *args],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CLI_ERRORS, match=re.escape(message)):
+        bench.main(["--quick", "--checkpoint", str(tiny[4]), *args])
+    assert [f.name for f in tmp_path.iterdir()] == ["bench.json"] and (tmp_path / "bench.json").read_text() == "{}"
+
+
+def test_bench_cli_reports_bad_input_in_one_line(tiny, tmp_path):
+    """The one subprocess test of bench.py: a refusal is one 'error:' line on stderr, no traceback."""
+    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(tiny[4]),
+                        "--prefill-lengths", "0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--prefill-lengths must be >= 2" in lines[0], r.stderr

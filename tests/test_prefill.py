@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adept import FullDepth, PromptPolicy, RouterPolicy, Static, generate, load_fill, model_id
+from adept import FullDepth, PromptPolicy, RouterPolicy, Static, generate
+from checkpoint import load_fill, model_id
 from kv_cache import fill_decoupled, fill_sequential
-from model import UserError
+from checkpoint import UserError
 from test_adept import TOL, TOL_DEFAULT, Pattern, check_invariants, prompt, router_file, run
 
 

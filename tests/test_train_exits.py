@@ -1,11 +1,13 @@
 """Training the exit router: soft labels, loss, artifact, resume."""
 import math
+import re
 
 import pytest
 import torch
 
-from adept import Router, RouterPolicy, generate, model_id
-from model import UserError
+from adept import Router, RouterPolicy, generate
+from checkpoint import model_id
+from checkpoint import UserError, load_router, save_router
 from data import save_atomic
 from train_exits import preference_labels, targets, train
 
@@ -67,10 +69,31 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tiny, tmp_path):
         assert torch.equal(t, b2.state_dict()[name]), name
 
 
-def test_atomic_save_leaves_no_partial_file(tmp_path):
+def test_an_interrupted_save_leaves_the_previous_file_untouched(tmp_path, monkeypatch):
+    """A save interrupted half-way through writing never reaches the file's own path."""
     path = tmp_path / "ck.pt"
     save_atomic({"x": torch.ones(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert not (tmp_path / "ck.pt.tmp").exists()
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def save_then_interrupt(obj, f):  # half of the bytes written, then Ctrl-C
+        real_save(obj, f)
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[:len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"x": torch.zeros(3)}, path)
+    assert path.read_bytes() == before  # the old checkpoint, whole
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"x": torch.zeros(3)}, tmp_path / "new.pt")
+    assert not (tmp_path / "new.pt").exists()  # no half-written file under the name a resume would read
+    monkeypatch.setattr(torch, "save", real_save)
+    save_atomic({"x": torch.zeros(3)}, path)  # the next save replaces a stale half-written temporary
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.zeros(3))
     assert not (tmp_path / "ck.pt.tmp").exists()
 
 
@@ -78,23 +101,14 @@ def test_trained_router_round_trips_and_drives_generation(tiny, tmp_path):
     model, router, feats, labels, _ = tiny_targets(tiny)
     train(router, feats, labels, epochs=2, batch=32, progress=False)
     path = tmp_path / "router.safetensors"
-    router.save(path, {"base_model": model_id(model), "n_layers": model.config.n_layers, "dim": model.config.dim,
+    save_router(router, path, {"base_model": model_id(model), "n_layers": model.config.n_layers, "dim": model.config.dim,
                        "threshold": 0.3, "lam": 4.0, "beta": 1.0})
-    loaded = Router.load(path, model)
+    loaded = load_router(path, model)
     assert loaded.meta["lam"] == "4.0" and loaded.meta["threshold"] == "0.3"
     x = feats[2, :5]
     torch.testing.assert_close(loaded(3, x), router(3, x), atol=0, rtol=0)
     g = generate(model, [3, 4, 5], 4, RouterPolicy(loaded))
     assert len(g.exit_layers) == 4
-
-
-def test_router_for_another_model_is_refused(tiny, tmp_path):
-    model, router, *_ = tiny_targets(tiny)
-    path = tmp_path / "other.safetensors"
-    router.save(path, {"base_model": "another-model:feedfacecafe", "n_layers": model.config.n_layers,
-                       "dim": model.config.dim, "threshold": 0.5, "lam": 4.0, "beta": 1.0})
-    with pytest.raises(UserError, match="was made for another-model"):
-        Router.load(path, model)
 
 
 def test_batched_sampling_equals_one_prompt_at_a_time(tiny):
@@ -108,23 +122,20 @@ def test_batched_sampling_equals_one_prompt_at_a_time(tiny):
         assert toks == generate(model, p, 6, FullDepth()).tokens
 
 
-def test_train_exits_command_end_to_end(tiny, tmp_path):
+def test_train_exits_command_end_to_end(tiny, tmp_path, monkeypatch):
     """Train, write the router with its metadata, evaluate, refuse to overwrite; then --eval reloads it."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
     from conftest import TEXT
+    from train_exits import main
     model, *_, ckpt = tiny
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "r.safetensors"
-    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_exits.py"), "--checkpoint", str(ckpt),
-           "--out", str(out), "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12", "--epochs", "2",
-           "--min-layer", "2", "--json", str(tmp_path / "eval.json")]
-    run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    r = run()
-    assert r.returncode == 0, r.stderr
-    loaded = Router.load(out, model)
+    cmd = ["--checkpoint", str(ckpt), "--out", str(out), "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12",
+           "--epochs", "2", "--min-layer", "2", "--json", str(tmp_path / "eval.json")]
+    run = lambda *extra: main(cmd + list(extra))
+    run()
+    loaded = load_router(out, model)
     assert loaded.meta["min_layer"] == "2" and loaded.meta["lam"] == "4.0"
     ev = json.loads((tmp_path / "eval.json").read_text())
     records = ev["records"]
@@ -134,31 +145,45 @@ def test_train_exits_command_end_to_end(tiny, tmp_path):
     assert any(r["policy"] == "router" and r["setting"] == float(loaded.meta["threshold"]) for r in records)
     full = [r for r in records if r["policy"] == "full"]
     assert len(full) == 2 and all(r["agreement"] == 1 and r["kl"] == pytest.approx(0, abs=1e-6) for r in full)
-    r = run()
-    assert r.returncode != 0 and "exists; pass --force" in r.stderr
-    r = run("--eval")
-    assert r.returncode == 0, r.stderr
+    with pytest.raises(UserError, match="exists; pass --force"):
+        run()
+    run("--eval")
     # the fill calibration beside it, and a router for prompt tokens, from the same text
-    r = run("--calibrate")
-    assert r.returncode == 0, r.stderr
-    from adept import load_fill
+    run("--calibrate")
+    from checkpoint import load_fill
     mu = load_fill(model, tmp_path / "r.fill.safetensors").fill_mu
     model.fill_mu = None
     assert mu.shape == (model.config.n_layers + 1, model.config.dim) and not torch.equal(mu[0], mu[-1])
-    assert run("--calibrate").returncode != 0  # it exists: --force
+    with pytest.raises(UserError, match="exists; pass --force"):  # it exists: --force
+        run("--calibrate")
     prompt_out = str(tmp_path / "p.safetensors")
-    r = subprocess.run([*cmd[:cmd.index("--out") + 1], prompt_out, *cmd[cmd.index("--out") + 2:], "--target", "prompt"],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert Router.load(prompt_out, model).meta["target"] == "prompt"
+    main([*cmd[:cmd.index("--out") + 1], prompt_out, *cmd[cmd.index("--out") + 2:], "--target", "prompt"])
+    assert load_router(prompt_out, model).meta["target"] == "prompt"
 
 
-def run_train_exits(ckpt, tmp_path, *args):
+# What train_exits.py's wrapper prints as one "error:" line (UserError; a ValueError the mechanism raises for an
+# argument it refuses by name). Checked in-process; the wrapper itself by test_train_exits_cli_reports_bad_input_in_one_line.
+CLI_ERRORS = (UserError, ValueError)
+
+
+def run_train_exits(ckpt, tmp_path, monkeypatch, *args):
+    """train_exits.main in this process, run from tmp_path as the command would be."""
+    from train_exits import main
+    monkeypatch.chdir(tmp_path)
+    return main(["--checkpoint", str(ckpt), *args])
+
+
+def test_train_exits_cli_reports_bad_input_in_one_line(tiny, tmp_path):
+    """The one subprocess test of train_exits.py: a refusal is one 'error:' line on stderr, no traceback."""
     import subprocess
     import sys
     from pathlib import Path
-    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_exits.py"), "--checkpoint", str(ckpt), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_exits.py"), "--checkpoint", str(tiny[4]),
+           "--out", "r.st", "--lam", "-1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--lam must be > 0" in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -179,16 +204,17 @@ def run_train_exits(ckpt, tmp_path, *args):
     (["--out", "r.st", "--target", "prompt", "--eval"], "--target prompt trains a prompt router"),
     (["--out", "r.st", "--eval", "--fill", "missing.safetensors"], "fill calibration file missing.safetensors not found"),
 ])
-def test_train_exits_bad_input_fails_before_any_work(tiny, tmp_path, args, message):
-    r = run_train_exits(tiny[4], tmp_path, *args)
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert "generating" not in r.stderr and not list(tmp_path.glob("runs/generated-*"))  # no minute-long work was started
+def test_train_exits_bad_input_fails_before_any_work(tiny, tmp_path, monkeypatch, capsys, args, message):
+    with pytest.raises(CLI_ERRORS, match=re.escape(message)):
+        run_train_exits(tiny[4], tmp_path, monkeypatch, *args)
+    out = capsys.readouterr()
+    assert "generating" not in out.err + out.out and not list(tmp_path.glob("runs/generated-*"))  # no minute-long work started
 
 
-def test_too_little_text_for_a_held_out_set_is_one_error(tiny, tmp_path):
+def test_too_little_text_for_a_held_out_set_is_one_error(tiny, tmp_path, monkeypatch):
     (tmp_path / "short.txt").write_text("Too short.")
-    r = run_train_exits(tiny[4], tmp_path, "--out", "r.st", "--data", "short.txt", "--max-new-tokens", "8")
-    assert r.returncode != 0 and "no held-out human text" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(UserError, match="no held-out human text"):
+        run_train_exits(tiny[4], tmp_path, monkeypatch, "--out", "r.st", "--data", "short.txt", "--max-new-tokens", "8")
 
 
 def test_cached_generated_text_is_keyed_by_what_determines_it(tiny, tmp_path):

@@ -4,9 +4,10 @@ import argparse
 import pytest
 import torch
 
-from adept import Router, model_id
+from adept import Router
+from checkpoint import model_id
 from checkpoint import load
-from model import UserError
+from checkpoint import UserError, load_router, save_router
 from tune_exits import add_deltas, load_tuning, merge_deltas, save_tuning, tune, tuning_loss
 
 
@@ -122,10 +123,10 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
     assert model_id(tuned) != base_id and tuned.tuning["rank"] == "4"
     # a router trained on the base model is refused on the tuned one, and the other way round
     c = tuned.config
-    Router(c).save(tmp_path / "r.safetensors", {
+    save_router(Router(c), tmp_path / "r.safetensors", {
         "base_model": base_id, "n_layers": c.n_layers, "dim": c.dim, "threshold": 0.5, "lam": 4.0, "beta": 1.0})
     with pytest.raises(UserError, match="not for this model"):
-        Router.load(tmp_path / "r.safetensors", tuned)
+        load_router(tmp_path / "r.safetensors", tuned)
     # a delta made for other weights is refused
     save_tuning(deltas, tmp_path / "other.safetensors", {"base_model": "other:0123456789ab", "rank": 4, "alpha": 8.0,
                                                          "targets": ",".join(deltas)})
@@ -135,40 +136,35 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
         load_tuning(load(tiny[4])[0], tmp_path / "missing.safetensors")
 
 
-def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path):
+def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path, monkeypatch):
     """--tune writes a delta; a router trained with --tuning is measured against the base model's full depth."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    import bench
+    import train_exits
     from conftest import TEXT
+    monkeypatch.chdir(tmp_path)  # both commands run in-process; their one-line error wrappers have their own tests
     (tmp_path / "text.txt").write_text(TEXT)
-    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_exits.py"), "--checkpoint", str(tiny[4]),
-           "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12", "--gen-tokens", "12", "--gen-seeds", "1",
-           "--min-layer", "2"]
-    run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    r = run("--tune", "--tuning-out", "d.safetensors", "--tune-steps", "4", "--tune-len", "32", "--eval-every", "2",
-            "--json", "tune.json")
-    assert r.returncode == 0, r.stderr
+    cmd = ["--checkpoint", str(tiny[4]), "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12", "--gen-tokens", "12",
+           "--gen-seeds", "1", "--min-layer", "2"]
+    run = lambda *extra: train_exits.main(cmd + list(extra))
+    run("--tune", "--tuning-out", "d.safetensors", "--tune-steps", "4", "--tune-len", "32", "--eval-every", "2",
+        "--json", "tune.json")
     curve = json.loads((tmp_path / "tune.json").read_text())["learning_curve"]
     assert [p["step"] for p in curve] == [0, 2, 4] and curve[0]["final"] == 1.0  # step 0 is the base model itself
     stored = json.loads((tmp_path / "tune.json").read_text())["stored_bf16"]
     assert abs(stored["final"] - curve[-1]["final"]) <= 0.1  # bf16 storage changes agreement by little
-    r = run("--tuning", "d.safetensors", "--out", "r.safetensors", "--epochs", "1", "--json", "eval.json")
-    assert r.returncode == 0, r.stderr
+    run("--tuning", "d.safetensors", "--out", "r.safetensors", "--epochs", "1", "--json", "eval.json")
     records = json.loads((tmp_path / "eval.json").read_text())["records"]
     for scenario in ("eval-generated", "eval-human"):
         full = [(x["model"], x["reference"]) for x in records if x["scenario"] == scenario and x["policy"] == "full"]
         assert full == [("base", "base"), ("tuned", "base")]
     assert all(x["reference"] == "base" for x in records)
     assert {x["model"] for x in records if x["policy"] == "router"} == {"tuned"}
-    r = run("--out", "r.safetensors", "--eval")  # the router for the tuned model, on the base model
-    assert r.returncode != 0 and "not for this model" in r.stderr
+    with pytest.raises(UserError, match="not for this model"):  # the router for the tuned model, on the base model
+        run("--out", "r.safetensors", "--eval")
     # frozen vs tuned in one bench run: every figure against the base model's full depth
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench.py"), "--quick", "--checkpoint",
-                        str(tiny[4]), "--tuning", "d.safetensors", "--tuned-exits", "r.safetensors", "--json", "bench.json"],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--tuning", "d.safetensors", "--tuned-exits", "r.safetensors",
+                "--json", "bench.json"])
     records = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert all(x["reference"] == "base" for x in records)
     for scenario in ("decode", "decode-tf", "prefill-64"):
