@@ -1,11 +1,13 @@
-"""ADEPT: token-level early exit in prefill and in decode (see ../shared/ADEPT.md §3).
+"""ADEPT: token-level early exit in prefill and in decode (Yoo et al., arXiv 2601.03700).
 
 The whole mechanism is `forward_tokens`: it runs a set of tokens through the layers,
 and after each layer asks an exit policy which of the still-active tokens leave. A
 token that exits after layer e gets the K/V of layers e+1..L filled from h_e in one
 batched operation (kv_cache.fill_decoupled) and predicts with the shared head at e.
 Prefill is `forward_tokens` over the prompt; a decode step is `forward_tokens` over one
-token. Full depth is the `FullDepth` policy, which never exits.
+token. Full depth is the `FullDepth` policy, which never exits. Classification (`classify`)
+is the same pass over a document: a small head per layer reads the document's pooled state,
+and the whole document stops at the layer where a gate says its label is settled.
 
 Layers are counted from 1 here: "exit at layer e" means layers 1..e ran (blocks
 0..e-1 in model.py) and e = L is full depth.
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from kv_cache import fill_decoupled, fill_layer, fill_sequential
 
-# ----------------------------------------------------------------------------- cost accounting
+# ---------------------------------------------------------------------------------- cost accounting
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Stats:
     tokens: int = 0
     layers: int = 0          # sum over tokens of layers computed (= exit layers)
     layer_macs: int = 0      # projections, MLP and attention of computed layers
-    router_macs: int = 0     # the exit policy's own work (a router, or the head for a confidence gate)
+    router_macs: int = 0     # the exit policy's own work (a router, or a confidence gate's head)
     fill_macs: int = 0       # K/V projections of skipped layers
     head_macs: int = 0       # the LM head that produces the token's logits
     full_macs: int = 0       # what full depth would have cost the same tokens
@@ -43,7 +45,8 @@ class Stats:
 
     @property
     def saved(self):
-        """Fraction of full-depth compute saved (negative when the policy costs more than it saves)."""
+        """Fraction of full-depth compute saved (negative when the policy costs more than it
+        saves)."""
         return 1 - self.total_macs / max(self.full_macs, 1)
 
     @property
@@ -62,10 +65,12 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     those up to the deepest layer any token ran).
     """
     c, L, e = model.config, model.config.n_layers, exit_layer
-    per_layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.q_dim * (pos + 1)  # [n]
-    filled = {"none": 0 * e, "lazy": e.max() - e}.get(fill, L - e)  # skipped layers whose K/V were made
-    layers, layer_work, router_work, skipped, full = torch.stack(  # one read-back for all five
-        [e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(), L * per_layer.sum()]).tolist()
+    projections = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
+    per_layer = projections + 2 * c.q_dim * (pos + 1)  # [n]
+    filled = {"none": 0 * e, "lazy": e.max() - e}.get(fill, L - e)  # skipped layers given K/V
+    layers, layer_work, router_work, skipped, full = torch.stack([  # one read-back for all five
+        e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(), L * per_layer.sum()
+    ]).tolist()
     heads = n_logits * c.dim * c.vocab_size
     stats.tokens += len(e)
     stats.layers += layers
@@ -76,7 +81,7 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     stats.full_macs += full + heads
 
 
-# ----------------------------------------------------------------------------- exit policies
+# ------------------------------------------------------------------------------------ exit policies
 
 
 class Policy:
@@ -97,7 +102,8 @@ class Policy:
         return 0
 
     def work(self, c, pos, e):
-        """Its MACs for tokens at pos [n] that exited at e [n]: asked at layers min_layer..min(e, L-1)."""
+        """Its MACs for tokens at pos [n] that exited at e [n]: asked at layers min_layer..min(e,
+        L-1)."""
         return (e.clamp(max=c.n_layers - 1) - self.min_layer + 1).clamp(min=0).sum() * self.macs(c)
 
 
@@ -116,12 +122,14 @@ class Static(Policy):
 
 
 class Confidence(Policy):
-    """Paper 2's gate: exit when the shared head's max probability (or low entropy) says the token is settled.
+    """The gate of Shan et al.: exit when the shared head's max probability (or low entropy)
+    says the token is settled.
 
     Evaluating the head costs D*vocab MACs per token and layer, counted as router work.
     """
     def __init__(self, threshold, min_layer=1, entropy=False, vocab_size=None):
-        what, hi = ("entropy threshold (nats)", math.log(vocab_size)) if entropy else ("confidence threshold", 1.0)
+        what, hi = ("entropy threshold (nats)", math.log(vocab_size)) if entropy else \
+            ("confidence threshold", 1.0)
         check_range(what, threshold, 0.0, hi)
         self.threshold, self.min_layer, self.entropy = threshold, min_layer, entropy
 
@@ -147,7 +155,7 @@ class Router(torch.nn.Module):
     def __init__(self, c, hidden=32, n_features=None):
         super().__init__()
         P = lambda *s: torch.nn.Parameter(torch.zeros(*s))
-        n_layers, self.dim = c.n_layers, c.dim
+        n_layers = c.n_layers
         n_features = n_features or c.dim + c.q_dim + 2 * c.kv_dim  # default: the token router's
         self.register_buffer("mu", torch.zeros(n_layers, n_features))
         self.register_buffer("sd", torch.ones(n_layers, n_features))
@@ -161,20 +169,15 @@ class Router(torch.nn.Module):
         z = (x - self.mu[i - 1]) / self.sd[i - 1]
         return F.gelu(z @ self.w1[i - 1] + self.b1[i - 1]) @ self.w2[i - 1] + self.b2[i - 1]
 
-    @torch.no_grad()
-    def folded(self):
-        """Per layer (w1, b1, w2, b2) for inference, with the constants folded into the weights once:
-        the standardisation, (x - mu) / sd @ w1 + b1 = x @ (w1 / sd) + (b1 - (mu / sd) @ w1); the √D of
-        rmsnorm(h) = √D·h / |h| (up to its ε); and GELU's, x·Φ(x) = (u + u·erf(u)) / √2 with u = x / √2.
-        Five small operations fewer per layer (RouterPolicy.decide), and a Python list, whose indexing is
-        free where a tensor's is an op."""
-        w1 = self.w1 / self.sd[..., None]
-        b1 = self.b1 - torch.einsum("lf,lfh->lh", self.mu / self.sd, self.w1)
-        w1[:, :self.dim] *= self.dim ** 0.5
-        return list(zip(w1 * 0.5 ** 0.5, b1 * 0.5 ** 0.5, self.w2 * 0.5 ** 0.5, self.b2))
-
     def macs(self):
         return self.w1.shape[1] * self.w1.shape[2] + self.w2.shape[1]
+
+def router_features(model, h, q, k, v):
+    """The router's view of the state at a layer: rmsnorm(h) (no weight), then q, k, v
+    [n, D + q_dim + 2 * kv_dim]; training reads the same."""
+    x = F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps)
+    return torch.cat((x, q, k, v), dim=-1)
+
 
 class RouterPolicy(Policy):
     """The learned ADEPT policy: exit when the router's P(exit) reaches the threshold τ.
@@ -186,15 +189,13 @@ class RouterPolicy(Policy):
         check_range("router threshold", threshold, 0.0, 1.0)
         self.router, self.threshold = router, threshold
         self.min_layer = int(router.meta.get("min_layer", 1)) if min_layer is None else min_layer
-        self.layers = router.folded()
-        self.logit = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else (threshold - 0.5) * math.inf  # ±inf at 1, 0
+        # sigmoid(z) >= τ is decided as z >= logit(τ): in float32 sigmoid reaches 1.0 above
+        # z ~ 17, which would let a very sure token through τ = 1 (never exit); ±inf at τ = 1, 0
+        self.logit = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else \
+            (threshold - 0.5) * math.inf
 
     def decide(self, model, i, pos, h, q, k, v):
-        """The router's logit z with its constants folded (Router.folded); sigmoid(z) >= threshold is
-        decided as z >= logit(threshold): no sigmoid per layer."""
-        w1, b1, w2, b2 = self.layers[i - 1]
-        u = torch.addmm(b1, torch.cat((h / torch.linalg.vector_norm(h, dim=-1, keepdim=True), q, k, v), dim=-1), w1)
-        return torch.addmv(b2, torch.addcmul(u, u, torch.erf(u)), w2) >= self.logit
+        return self.router(i, router_features(model, h, q, k, v)) >= self.logit
 
     def macs(self, c):
         return self.router.macs()
@@ -203,14 +204,16 @@ class RouterPolicy(Policy):
 class PromptPolicy(Policy):
     """Prefill with two targets. Of a prompt token only the K/V are read, by the tokens after it;
     the read position (the last prompt token, whose output starts generation) is read itself.
-    So tokens before position `read` exit by `prompt`, those from it on by `policy`, the decode policy."""
+    So tokens before position `read` exit by `prompt`, those from it on by `policy`, the decode
+    policy."""
     def __init__(self, prompt, policy, read):
         self.prompt, self.policy, self.read = prompt, policy, read
         self.min_layer = min(prompt.min_layer, policy.min_layer)
 
     def decide(self, model, i, pos, h, q, k, v):
         n = int((pos < self.read).sum())  # the active positions ascend: the prompt's come first
-        outs = [pol.decide(model, i, pos[s], h[s], q[s], k[s], v[s]) if i >= pol.min_layer and len(pos[s]) else None
+        outs = [pol.decide(model, i, pos[s], h[s], q[s], k[s], v[s])
+                if i >= pol.min_layer and len(pos[s]) else None
                 for pol, s in ((self.prompt, slice(None, n)), (self.policy, slice(n, None)))]
         if outs[0] is None and outs[1] is None:
             return None
@@ -222,7 +225,7 @@ class PromptPolicy(Policy):
         return self.prompt.work(c, pos[~r], e[~r]) + self.policy.work(c, pos[r], e[r])
 
 
-# ----------------------------------------------------------------------------- classification
+# ----------------------------------------------------------------------------------- classification
 
 
 def pooled(model, h):
@@ -244,7 +247,8 @@ class ExitClassifier(torch.nn.Module):
         self.labels, self.router = list(labels), None
         self.register_buffer("mu", torch.zeros(L, D))
         self.register_buffer("sd", torch.ones(L, D))
-        self.w, self.b = torch.nn.Parameter(torch.zeros(L, D, C)), torch.nn.Parameter(torch.zeros(L, C))
+        self.w = torch.nn.Parameter(torch.zeros(L, D, C))
+        self.b = torch.nn.Parameter(torch.zeros(L, C))
 
     def forward(self, i, x):
         """Label logits [..., C] at layer i (1-based) for pooled features x [..., D]."""
@@ -316,7 +320,8 @@ class DocumentExit(Policy):
         return out
 
     def work(self, c, pos, e):
-        """Pooling each active token (D), and the head (D x labels) and router at each layer asked."""
+        """Pooling each active token (D), and the head (D x labels) and router at each layer
+        asked."""
         asked = e.max().clamp(max=c.n_layers - 1)
         router = self.gate.router.macs() if isinstance(self.gate, RouterGate) else 0
         per_layer = c.dim * len(self.classifier.labels) + router
@@ -336,7 +341,8 @@ def classify(model, classifier, ids, policy, stats):
     h, e = forward_tokens(model, ids, 0, cache, policy, stats, logits=None, kv_fill="lazy")
     d = int(e.max())
     pool_and_head = model.config.dim * (len(classifier.labels) + len(ids))
-    stats.head_macs, stats.full_macs = stats.head_macs + pool_and_head, stats.full_macs + pool_and_head
+    stats.head_macs += pool_and_head
+    stats.full_macs += pool_and_head
     return classifier(d, pooled(model, h)).float().softmax(-1), d
 
 
@@ -345,7 +351,7 @@ def check_range(what, x, lo, hi):
         raise ValueError(f"{what} {x} is out of range; it must be in [{lo}, {hi}]")
 
 
-# ----------------------------------------------------------------------------- the forward pass with exits
+# ---------------------------------------------------------------------- the forward pass with exits
 
 
 # How the K/V of skipped layers are produced: ADEPT's batched fill, the layer-by-layer
@@ -356,7 +362,7 @@ KV_FILLS = {"decoupled": fill_decoupled, "sequential": fill_sequential, "lazy": 
 
 
 def forward_tokens(model, ids, start, cache, policy, stats, logits="last", kv_fill="decoupled"):
-    """Run tokens ids [n] (batch of one sequence) at positions start.. through the model with per-token exit.
+    """Run tokens ids [n] (one sequence) at positions start.. through the model with per-token exit.
 
     Only active tokens are computed at each layer; they attend causally to every
     earlier position's K/V at that layer, exited tokens' filled K/V included.
@@ -372,7 +378,7 @@ def forward_tokens(model, ids, start, cache, policy, stats, logits="last", kv_fi
     # The active tokens: their index among the n, positions, mask rows and h [1, n_active, D].
     # They change only when a token exits, so a layer nobody exits at costs no indexing.
     active, p, m, h = torch.arange(n, device=ids.device), pos, mask, model.tok_emb[ids][None]
-    pending = []  # lazy fill: (h, pos, e) of exited tokens, filled layer by layer as the others go on
+    pending = []  # lazy fill: (h, pos, e) of exited tokens, filled as the others go on
     for i in range(1, L + 1):
         for h_e, p_e, e in pending:
             fill_layer(cache, model, h_e, p_e, e, i - 1)
@@ -400,11 +406,11 @@ def forward_tokens(model, ids, start, cache, policy, stats, logits="last", kv_fi
     return model.head(h_exit if logits == "all" else h_exit[-1]), exit_layer
 
 
-# ----------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------------------- generation
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """Next token from logits [vocab]: greedy at temperature 0, else softmax sampling with top-k / top-p."""
+    """Next token from logits [vocab]: greedy at temperature 0, else sampling with top-k / top-p."""
     if temperature == 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -419,10 +425,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens):
-    for name, x, ok, need in (("temperature", temperature, 0 <= temperature < math.inf, "a finite number >= 0 (0 = greedy)"),
-                              ("top_k", top_k, top_k is None or top_k >= 1, ">= 1"),
-                              ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-                              ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")):
+    for name, x, ok, need in (
+            ("temperature", temperature, 0 <= temperature < math.inf, "finite, >= 0 (0: greedy)"),
+            ("top_k", top_k, top_k is None or top_k >= 1, ">= 1"),
+            ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")):
         if not ok:
             raise ValueError(f"{name} must be {need}, got {x}")
 
@@ -438,9 +445,10 @@ class Generation:
     decode_s: float = 0.0
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: decode 5-7% faster than under no_grad (docs/RESULTS.md)
-def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, top_k=None, top_p=1.0,
-             seed=None, eos_ids=(), on_token=None, kv_fill="decoupled", prompt_policy=None) -> Generation:
+@torch.inference_mode()  # no autograd bookkeeping at all: decode 5-7% faster than under no_grad
+def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, top_k=None,
+             top_p=1.0, seed=None, eos_ids=(), on_token=None, kv_fill="decoupled",
+             prompt_policy=None) -> Generation:
     """Prefill the prompt, then decode token by token, each token exiting where the policy says
     (in prefill, the tokens before the last exit by prompt_policy if one is given).
 
@@ -458,7 +466,8 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
     out = Generation([], [], [])
     t0 = time.perf_counter()
     prefill = PromptPolicy(prompt_policy, policy, len(prompt_ids) - 1) if prompt_policy else policy
-    logits, e = forward_tokens(model, torch.tensor(prompt_ids, device=device), 0, cache, prefill, out.prefill, kv_fill=kv_fill)
+    ids = torch.tensor(prompt_ids, device=device)
+    logits, e = forward_tokens(model, ids, 0, cache, prefill, out.prefill, kv_fill=kv_fill)
     out.prompt_exit_layers = e.tolist()
     step_exit = int(e[-1])
     sync(device)
@@ -472,8 +481,9 @@ def generate(model, prompt_ids, max_new_tokens, policy=None, temperature=0.0, to
             on_token(token, step_exit)
         if token in eos_ids or step == max_new_tokens - 1:
             break
-        logits, e = forward_tokens(model, torch.tensor([token], device=device), len(prompt_ids) + step, cache, policy,
-                                   out.decode, kv_fill=kv_fill)
+        ids = torch.tensor([token], device=device)
+        logits, e = forward_tokens(model, ids, len(prompt_ids) + step, cache, policy, out.decode,
+                                   kv_fill=kv_fill)
         step_exit = int(e[0])
     out.decode_s = time.perf_counter() - t0
     return out

@@ -53,12 +53,11 @@ import torch.nn.functional as F
 from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, RouterGate, Static, Stats,
                    classify, forward_tokens, generate, sync)
 from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
-                        model_id, read_labelled)
+                        load_tuning, model_id, read_labelled)
 from convert import default_checkpoint
 from data import bbc_news, generated_text, split, split_fingerprint
 from evaluate import check_output, evaluate, full_reference, record, report, wilson
 from sample import make_policy
-from tune_exits import load_tuning
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -197,6 +196,17 @@ def settings(has_router, n_layers):
     return s + ([("router", None), ("router", 1.0)] if has_router else [])  # 1.0 never exits: the router's own cost
 
 
+def finish_plot(fig, axes, path):
+    import matplotlib.pyplot as plt
+    for ax in axes:
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plots(records, model, tok, router_policy, out_dir):
     """speed_quality.png: agreement (95% interval) against measured speed-up per policy, for decode (speed of
     free-running decode, agreement teacher-forced on generated text) and each prefill and classify set; exit_depths.png."""
@@ -221,12 +231,7 @@ def plots(records, model, tok, router_policy, out_dir):
         n = ", ".join(sorted({str(r["n"]) for r in quality.values()}))
         ax.set(title=title, xlabel="speed-up over full depth (measured)", ylabel=f"argmax agreement with full (n = {n})",
                ylim=(0, 1.03))
-        ax.title.set_fontsize(9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "speed_quality.png", dpi=110)
-    plt.close(fig)
+    finish_plot(fig, axes[0], out_dir / "speed_quality.png")
     # one paragraph, each token shaded by the layer it exited at
     ids = tok.prompt(PARAGRAPH)
     g = generate(model, ids, min(80, model.config.max_seq_len - len(ids)), router_policy, eos_ids=tok.eos_ids)
@@ -260,13 +265,13 @@ def exit_classify_policies(clf, L, quick):
     (the tokens before the last W leave at k, the document stops at the confidence gate)."""
     taus = (0.99,) if quick else (0.9, 0.99, 0.999)
     pols = {("full", None): lambda n: FullDepth()}
-    pols |= {("document-static", k): lambda n, k=k: Static(k, L) for k in ((6,) if quick else (3, 6, 12, 24))}
+    pols |= {("document-static", k): lambda n, k=k: Static(k, L) for k in ((6,) if quick else (2, 3, 6, 12, 24))}
     pols |= {("confidence", t): lambda n, t=t: DocumentExit(clf, MaxProb(t)) for t in taus}
-    pols |= {("patience", k): lambda n, k=k: DocumentExit(clf, Patience(k)) for k in ((3,) if quick else (3, 6))}
+    pols |= {("patience", k): lambda n, k=k: DocumentExit(clf, Patience(k)) for k in ((3,) if quick else (2, 3, 6))}
     if clf.router is not None:
         pols |= {("router", t): lambda n, t=t: DocumentExit(clf, RouterGate(clf.router, t))
-                 for t in ((0.5,) if quick else (0.5, 0.8))}
-    token_level = [(2, 128, 0.99)] if quick else [(2, 128, 0.99), (3, 64, 0.99), (4, 128, 0.999)]
+                 for t in ((0.5,) if quick else (0.5, 0.8, 0.95))}
+    token_level = [(2, 128, 0.99)] if quick else [(1, 128, 0.9), (2, 128, 0.99), (4, 64, 0.999)]
     pols |= {("token-level", f"k={k} W={W} tau={t}"):
              lambda n, k=k, W=W, t=t: DocumentExit(clf, MaxProb(t), PromptPolicy(Static(k, L), FullDepth(), n - W))
              for k, W, t in token_level}
@@ -343,12 +348,7 @@ def plot_exit_classify(records, out_dir):
     ax.set(title=f"BBC News, exit classifiers on SmolLM2-135M (n = {rows[0]['n']} held-out articles)",
            xlabel="speed-up over full-depth classification (measured, median of per-article ratios)",
            ylabel="accuracy against the section (95% interval)")
-    ax.title.set_fontsize(9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "exit_classify.png", dpi=110)
-    plt.close(fig)
+    finish_plot(fig, [ax], out_dir / "exit_classify.png")
 
 
 def finish(args, argv, model, records, t0, meta):
@@ -368,29 +368,30 @@ def finish(args, argv, model, records, t0, meta):
     print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint")
     p.add_argument("--exits", help="router file (default: the shipped one, for the default model)")
-    p.add_argument("--tuning", help="also measure the model with this exit-tuning delta merged, in the same run: frozen vs "
-                   "tuned, agreement and speed-ups against the base model's full depth")
-    p.add_argument("--tuned-exits", help="router file for the tuned model (default: the shipped one with the shipped delta, "
-                   "else none)")
+    p.add_argument("--tuning", help="also measure the model with this exit-tuning delta merged, in the same run: "
+                   "frozen vs tuned, agreement and speed-ups against the base model's full depth")
+    p.add_argument("--tuned-exits", help="router file for the tuned model (default: the shipped one with the "
+                   "shipped delta, else none)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="a small run (about 5 minutes on 2 cores)")
-    p.add_argument("--repeats", type=int, default=None, help="alternating repeats of the decode scenario (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="alternating repeats of the decode scenario "
+                   "(default 3, quick 1)")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
                    help="prompt lengths of the prefill scenario (default 256)")
-    p.add_argument("--classify-docs", type=int, default=None, help="BBC News articles of the classify scenario (default 200, "
-                   "quick 10, for the default model; 0 = none)")
+    p.add_argument("--classify-docs", type=int, default=None, help="BBC News articles of the zero-shot classify "
+                   "scenario (default 200, quick 10, for the default model; 0 = none)")
     p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
-    p.add_argument("--classify-only", action="store_true", help="the classify scenario alone (a supplementary run)")
-    p.add_argument("--classifier", help="exit classifiers of the classify-exits scenario (default: the shipped BBC News "
-                   "ones, for the default model)")
+    p.add_argument("--classify-only", action="store_true", help="the zero-shot classify scenario alone")
+    p.add_argument("--classifier", help="exit classifiers of the classify-exits scenario (default: the shipped "
+                   "BBC News ones, for the default model)")
     p.add_argument("--classifier-only", action="store_true", help="the classify-exits scenario alone")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
-    p.add_argument("--plots", help="write speed_quality.png and exit_depths.png into this folder")
+    p.add_argument("--plots", help="write speed_quality.png, exit_depths.png and exit_classify.png here")
     args = p.parse_args(argv)
     if args.json:
         check_output(args.json, "--json")
@@ -404,31 +405,12 @@ def main(argv=None):
         raise UserError(f"--classify-docs must be >= 0, got {args.classify_docs}")
     if any(n < 2 for n in args.prefill_lengths or []):
         raise UserError(f"--prefill-lengths must be >= 2 tokens, got {args.prefill_lengths}")
+    return args
 
-    ckpt = args.checkpoint or default_checkpoint()
-    model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
-    load_fill(model)  # the shipped calibration, for the default model
-    plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
-    plain.fill_mu = None
-    models = {"base": model} | ({"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {})
-    L, context = model.config.n_layers, model.config.max_seq_len
-    t0 = time.time()
-    classifier = args.classifier or (DEFAULT_CLASSIFIER if not args.checkpoint and DEFAULT_CLASSIFIER.is_file() else None)
-    if args.classifier_only:
-        if not classifier:
-            raise UserError("--classifier-only needs exit classifiers: give them with --classifier FILE")
-        return finish(args, argv, model, exit_classify(model, tok, classifier, args.quick), t0, {"classifier": str(classifier)})
-    shipped = args.tuning and Path(args.tuning).resolve() == DEFAULT_EXITS.with_suffix(".tuning.safetensors").resolve()
-    exits = {"base": args.exits or (DEFAULT_EXITS if not args.checkpoint and DEFAULT_EXITS.is_file() else None),  # shipped routers
-             "tuned": args.tuned_exits or (DEFAULT_EXITS.with_suffix(".tuned-router.safetensors") if shipped else None)}
-    repeats = args.repeats or (1 if args.quick else 3)
-    n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
-    prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
-    lengths = args.prefill_lengths or [256]
-    lengths = sorted({n if n <= context else context // 2 for n in lengths})  # a tiny test model has a short context
-    # prefill documents of each text; the longer prompts: human only
-    docs_at = lambda first: ({"human": 16, "generated": 4} if args.quick else {"human": 200, "generated": 32} if first else {"human": 50})
-    # (model, policy, setting) -> (model, policy object); the tuned model gets full depth, static and its router (no gates)
+
+def make_policies(models, plain, exits, L):
+    """(model, policy, setting) -> (model, policy object) of one policy for every token; the tuned
+    model gets full depth, static and its router (no gates); the router also with the plain fill."""
     policies = {}
     for which, m in models.items():
         if which == "tuned":
@@ -438,35 +420,46 @@ def main(argv=None):
                 policies[(which, name, s)] = (m, make_policy(name, m, threshold=None if name == "static" else s,
                                                              exit_layer=s if name == "static" else None,
                                                              exits=exits[which] if name == "router" else None))
-    if exits["base"] and model.fill_mu is not None:
+    if exits["base"] and models["base"].fill_mu is not None:
         policies[("plain fill", "router", None)] = (plain, make_policy("router", plain, exits=exits["base"]))
-    # prefill only: the tokens before the read position by a prompt policy, the read position at full depth
-    prompt_exits = args.prompt_exits or (DEFAULT_EXITS.with_suffix(".prompt.safetensors") if not args.checkpoint else None)
-    depths = sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if args.quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
-    prompt_pols = {(which, "prompt-static", k): (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), "last"))
-                   for k in depths for which, m in (("base", model), ("plain fill", plain)) if which == "base" or m.fill_mu is not model.fill_mu}
-    # classify only: the article's tokens exit at k; the question, the chat template's end and the read position run full depth
-    prompt_pols |= {("base", "document-static", k): (model, PromptPolicy(make_policy("static", model, exit_layer=k), FullDepth(), "question"))
-                    for k in depths}
-    if prompt_exits and Path(prompt_exits).is_file():
-        prompt_pols |= {("base", "prompt-router", t): (model, PromptPolicy(make_policy("router", model, threshold=t, exits=prompt_exits),
-                                                                             FullDepth(), "last")) for t in (0.4, 0.45, 0.5, 0.52)}
-    setting = lambda which, name, s: float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
-    full = (("base", "full", None), (model, FullDepth()))  # the reference, run before the others each time
-    docs = lambda text, n, k: human_documents(tok, n, k)[0] if text == "human" else [d for d, _ in generated_documents(model, tok, n, k)]
-    texts = {n: {text: docs(text, n, k) for text, k in docs_at(n == lengths[0]).items()} for n in lengths}
-    generated = generated_documents(model, tok, lengths[0], docs_at(True)["generated"])
-    generate(model, prompts[0], 4, FullDepth())  # warm-up
+    return policies
 
-    records = []
-    # decode, free-running: each prompt at full depth, then right away by the policy, so that slow drifts of the
-    # machine (and what the run before did to it) cancel; speed-up: the median of these pairs' ratios
+
+def make_prompt_policies(model, plain, prompt_exits, L, quick):
+    """Prefill only: the tokens before the read position by a prompt policy (a static depth or the
+    prompt router), the read position at full depth; document-static: the article's tokens at a static
+    depth, the question, the template's end and the read position at full depth."""
+    depths = sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
+    static = lambda m, k, read: (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), read))
+    pols = {("base", "prompt-static", k): static(model, k, "last") for k in depths}
+    if plain.fill_mu is not model.fill_mu:
+        pols |= {("plain fill", "prompt-static", k): static(plain, k, "last") for k in depths}
+    pols |= {("base", "document-static", k): static(model, k, "question") for k in depths}
+    if prompt_exits and Path(prompt_exits).is_file():
+        pols |= {("base", "prompt-router", t): (model, PromptPolicy(
+            make_policy("router", model, threshold=t, exits=prompt_exits), FullDepth(), "last"))
+            for t in (0.4, 0.45, 0.5, 0.52)}
+    return pols
+
+
+def setting_of(policies, which, name, s):
+    """A record's setting: the router's threshold where the policy took its file's own."""
+    return float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
+
+
+FULL = ("base", "full", None)  # the reference's key, run before the others each time
+
+
+def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
+    """Free-running decode: each prompt at full depth, then right away by the policy, so that slow
+    drifts of the machine (and what the run before did to it) cancel; speed-up: the median of these
+    pairs' ratios. Returns the records and full depth's tokens of the last repeat."""
     runs = {}  # (scenario, model, policy, setting) -> [(the policy's Generation, full depth's just before)]
-    keys = [("decode", *key) for key in [full[0], *policies]]
-    keys += [(f"kv-{fill}", "base", "router", None) for fill in ("sequential", "none")] if exits["base"] else []
-    for rep in range(0 if args.classify_only else repeats):
+    keys = [("decode", *key) for key in [FULL, *policies]]
+    keys += [(f"kv-{fill}", "base", "router", None) for fill in ("sequential", "none")] if kv_ablation else []
+    for rep in range(repeats):
         for key in keys:
-            m, pol = full[1] if key[1:] == full[0] else policies[key[1:]]
+            m, pol = (model, FullDepth()) if key[1:] == FULL else policies[key[1:]]
             fill = key[0][3:] if key[0].startswith("kv-") else "decoupled"
             for p in prompts:
                 ref = generate(model, p, n_new, FullDepth())
@@ -474,53 +467,121 @@ def main(argv=None):
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
     tps = lambda g: (len(g.tokens) - 1) / g.decode_s  # the first token is prefill's
     last = lambda pairs: [g for g, _ in pairs[-len(prompts):]]  # the last repeat's generations
-    full_tokens = [g.tokens for g in last(runs[("decode", *full[0])])] if runs else []
+    full_tokens = [g.tokens for g in last(runs[("decode", *FULL)])] if runs else []
+    records = []
     for (scenario, which, name, s), pairs in runs.items():
         tokens = [g.tokens for g in last(pairs)]
-        records.append(record(name, setting(which, name, s), scenario, *identical(tokens, full_tokens),
-                              total([g.decode for g in last(pairs)]), which, "base", text="chat prompts",
+        records.append(record(name, setting_of(policies, which, name, s), scenario,
+                              *identical(tokens, full_tokens), total([g.decode for g in last(pairs)]), which,
+                              "base", text="chat prompts",
                               kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
                               tokens_per_s=statistics.median(tps(g) for g, _ in pairs),
                               full_tokens_per_s=statistics.median(tps(f) for _, f in pairs),
                               speedup=statistics.median(tps(g) / tps(f) for g, f in pairs),
                               ppl=full_ppl(model, prompts, tokens), full_ppl=full_ppl(model, prompts, full_tokens)))
+    return records, full_tokens
 
-    # decode, teacher-forced along full depth's greedy continuations and along held-out generated text
-    tf_sets = {} if args.classify_only else {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
-                                             "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}  # ~3.7K tokens
+
+def bench_teacher_forced(model, tf_sets, policies, t0):
+    """Teacher-forced decode along each set's sequences: tf_sets {text: (seqs, sequences for the gates)}."""
+    records = []
     for text, (seqs, n_gated) in tf_sets.items():
         refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
-        for (which, name, s), (m, pol) in [full] + list(policies.items()):
+        for (which, name, s), (m, pol) in [(FULL, (model, FullDepth()))] + list(policies.items()):
             k = n_gated if name in GATES else len(seqs)
             if k not in full_ppl_of:
                 full_ppl_of[k] = evaluate(model, seqs[:k], FullDepth(), refs[:k])[3]["ppl"]
             n, n_agree, stats, measured = evaluate(m, seqs[:k], pol, refs[:k])
-            records.append(record(name, setting(which, name, s), "decode-tf", n, n_agree, stats, which, "base", text=text,
-                                  **measured, full_ppl=full_ppl_of[k]))
+            records.append(record(name, setting_of(policies, which, name, s), "decode-tf", n, n_agree, stats,
+                                  which, "base", text=text, **measured, full_ppl=full_ppl_of[k]))
         print(f"decode-tf: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
         del refs
+    return records
 
-    # prefill: the read position's prediction after an N-token prompt (classify: its decision among the labels)
-    sets = [] if args.classify_only else [(f"prefill-{n}", text, docs, None) for n, texts_n in texts.items() for text, docs in texts_n.items()]
-    n_classify = args.classify_docs if args.classify_docs is not None else 0 if args.checkpoint else 10 if args.quick else 200
+
+def bench_prefill(model, sets, policies, prompt_pols, t0):
+    """The read position's prediction after each set's prompts (zero-shot classify: its decision
+    among the labels); the gates, slow in prefill, are measured in decode only."""
+    records = []
+    for scenario, text, docs, label_ids in sets:
+        out = run_prefill(model, docs, {k: v for k, v in policies.items() if k[1] not in GATES} | prompt_pols,
+                          label_ids)
+        records += [record(name, setting_of(policies, which, name, s), scenario, *r[:3], which, "base",
+                           text=text, **r[3]) for (which, name, s), r in out.items()]
+        print(f"{scenario}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
+    return records
+
+
+def shipped_files(args):
+    """The routers and classifiers a run measures: the user's, else the shipped ones for the default model."""
+    shipped = args.tuning and Path(args.tuning).resolve() == DEFAULT_EXITS.with_suffix(".tuning.safetensors").resolve()
+    default = lambda path: path if not args.checkpoint and path.is_file() else None
+    exits = {"base": args.exits or default(DEFAULT_EXITS),
+             "tuned": args.tuned_exits or (DEFAULT_EXITS.with_suffix(".tuned-router.safetensors") if shipped else None)}
+    prompt_exits = args.prompt_exits or default(DEFAULT_EXITS.with_suffix(".prompt.safetensors"))
+    return exits, prompt_exits, args.classifier or default(DEFAULT_CLASSIFIER)
+
+
+def main(argv=None):
+    args, t0 = parse_args(argv), time.time()
+    ckpt = args.checkpoint or default_checkpoint()
+    model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
+    load_fill(model)  # the shipped calibration, for the default model
+    plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
+    plain.fill_mu = None
+    exits, prompt_exits, classifier = shipped_files(args)
+    if args.classifier_only:
+        if not classifier:
+            raise UserError("--classifier-only needs exit classifiers: give them with --classifier FILE")
+        return finish(args, argv, model, exit_classify(model, tok, classifier, args.quick), t0,
+                      {"classifier": str(classifier)})
+    tuned = {"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {}
+    L, context = model.config.n_layers, model.config.max_seq_len
+    repeats = 0 if args.classify_only else args.repeats or (1 if args.quick else 3)
+    n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
+    prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
+    policies = make_policies({"base": model} | tuned, plain, exits, L)
+    prompt_pols = make_prompt_policies(model, plain, prompt_exits, L, args.quick)
+    lengths = sorted({n if n <= context else context // 2 for n in args.prefill_lengths or [256]})  # a tiny model
+    sets = [] if args.classify_only else prefill_sets(model, tok, lengths, args.quick)
+    generated = generated_documents(model, tok, lengths[0], 4 if args.quick else 32)
+    generate(model, prompts[0], 4, FullDepth())  # warm-up
+    records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats, exits["base"] is not None, t0)
+    if not args.classify_only:  # ~3.7K tokens of held-out generated text
+        tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
+                   "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
+        records += bench_teacher_forced(model, tf_sets, policies, t0)
+    n_classify = args.classify_docs if args.classify_docs is not None else \
+        0 if args.checkpoint else 10 if args.quick else 200
     if n_classify:
         docs, label_ids = labelled_documents(tok, lengths[0], n_classify)
         sets.append((f"classify-{lengths[0]}", "BBC News", docs, label_ids))
-    for scenario, text, docs, label_ids in sets:  # the gates, slow in prefill, are measured in decode only
-        out = run_prefill(model, docs, {k: v for k, v in policies.items() if k[1] not in GATES} | prompt_pols, label_ids)
-        records += [record(name, setting(which, name, s), scenario, *r[:3], which, "base", text=text, **r[3])
-                    for (which, name, s), r in out.items()]
-        print(f"{scenario}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-
+    records += bench_prefill(model, sets, policies, prompt_pols, t0)
     if classifier:
         records += exit_classify(model, tok, classifier, args.quick)
-    print(f"\n{model.name}: decode: {n_prompts} prompts x {n_new} greedy tokens, each prompt paired with full depth on "
-          f"it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts (prefill); "
-          f"ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% Wilson interval")
+    print(f"\n{model.name}: decode: {n_prompts} prompts x {n_new} greedy tokens, each prompt paired with full "
+          f"depth on it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts "
+          f"(prefill); ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its "
+          f"95% Wilson interval")
     finish(args, argv, model, records, t0, {"tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
                                             "classifier": classifier and str(classifier), "repeats": repeats})
     if args.plots:
-        plots(records, model, tok, policies.get(("base", "router", None), (0, make_policy("static", model)))[1], Path(args.plots))
+        router = policies.get(("base", "router", None), (0, make_policy("static", model)))[1]
+        plots(records, model, tok, router, Path(args.plots))
+
+
+def prefill_sets(model, tok, lengths, quick):
+    """The prefill scenario's documents: (scenario, text, [ids], None) for each length; the longer
+    lengths human text only."""
+    sets = []
+    for n in lengths:
+        counts = ({"human": 16, "generated": 4} if quick else {"human": 200, "generated": 32}) \
+            if n == lengths[0] else {"human": 50}
+        for text, k in counts.items():
+            docs = human_documents(tok, n, k)[0] if text == "human" else \
+                [d for d, _ in generated_documents(model, tok, n, k)]
+            sets.append((f"prefill-{n}", text, docs, None))
+    return sets
 
 
 if __name__ == "__main__":

@@ -181,38 +181,9 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
     file or tensor is refused rather than loaded over (or beside) the real weights.
     """
     from safetensors import safe_open
-    ckpt = Path(ckpt_dir)
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
-            raise UserError(f"{index} must map tensor names to shard file names in \"weight_map\"")
-        files = sorted({ckpt / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"shard(s) {', '.join(missing)} listed in {index.name} are missing from {ckpt}")
-    elif (ckpt / "model.safetensors").is_file():
-        files = [ckpt / "model.safetensors"]
-    else:
-        raise UserError(f"no weights in {ckpt}: expected model.safetensors or model.safetensors.index.json with its shards")
-    c, D, Q, kv = model.config, model.config.dim, model.config.q_dim, model.config.kv_dim
-    # HF name -> (our tensor, the HF shape [out, in], transposed to [in, out]?)
-    targets = {"model.embed_tokens.weight": (model.tok_emb, (c.vocab_size, D), False),
-               "model.norm.weight": (model.norm, (D,), False),
-               "lm_head.weight": (model.lm_head, (c.vocab_size, D), True)}  # tied: must equal the embedding
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        targets |= {p + "input_layernorm.weight": (model.attn_norm[i], (D,), False),
-                    p + "post_attention_layernorm.weight": (model.ffn_norm[i], (D,), False),
-                    p + "self_attn.q_proj.weight": (model.wqkv[i, :, :Q], (Q, D), True),
-                    p + "self_attn.k_proj.weight": (model.wqkv[i, :, Q:Q + kv], (kv, D), True),
-                    p + "self_attn.v_proj.weight": (model.wqkv[i, :, Q + kv:], (kv, D), True),
-                    p + "self_attn.o_proj.weight": (model.wo[i], (D, Q), True),
-                    p + "mlp.gate_proj.weight": (model.w13[i, :, :c.ffn_dim], (c.ffn_dim, D), True),
-                    p + "mlp.up_proj.weight": (model.w13[i, :, c.ffn_dim:], (c.ffn_dim, D), True),
-                    p + "mlp.down_proj.weight": (model.w2[i], (D, c.ffn_dim), True)}
-    seen, samples = {}, {}
-    for f in files:
+    ckpt, c = Path(ckpt_dir), model.config
+    targets, seen, samples = weight_targets(model), {}, {}
+    for f in weight_files(ckpt):
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
@@ -252,6 +223,44 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
                             "set tie_word_embeddings to false to use it")
         with torch.no_grad():
             model.lm_head.copy_(model.tok_emb.T)
+
+
+def weight_files(ckpt):
+    """model.safetensors, or the shards its index names (each must exist)."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index} must map tensor names to shard file names in \"weight_map\"")
+        files = sorted({ckpt / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"shard(s) {', '.join(missing)} listed in {index.name} are missing from {ckpt}")
+    elif (ckpt / "model.safetensors").is_file():
+        files = [ckpt / "model.safetensors"]
+    else:
+        raise UserError(f"no weights in {ckpt}: expected model.safetensors or model.safetensors.index.json with its shards")
+    return files
+
+
+def weight_targets(model):
+    """Hugging Face name -> (our tensor, the HF shape [out, in], transposed to [in, out]?)."""
+    c, D, Q, kv = model.config, model.config.dim, model.config.q_dim, model.config.kv_dim
+    targets = {"model.embed_tokens.weight": (model.tok_emb, (c.vocab_size, D), False),
+               "model.norm.weight": (model.norm, (D,), False),
+               "lm_head.weight": (model.lm_head, (c.vocab_size, D), True)}  # tied: must equal the embedding
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        targets |= {p + "input_layernorm.weight": (model.attn_norm[i], (D,), False),
+                    p + "post_attention_layernorm.weight": (model.ffn_norm[i], (D,), False),
+                    p + "self_attn.q_proj.weight": (model.wqkv[i, :, :Q], (Q, D), True),
+                    p + "self_attn.k_proj.weight": (model.wqkv[i, :, Q:Q + kv], (kv, D), True),
+                    p + "self_attn.v_proj.weight": (model.wqkv[i, :, Q + kv:], (kv, D), True),
+                    p + "self_attn.o_proj.weight": (model.wo[i], (D, Q), True),
+                    p + "mlp.gate_proj.weight": (model.w13[i, :, :c.ffn_dim], (c.ffn_dim, D), True),
+                    p + "mlp.up_proj.weight": (model.w13[i, :, c.ffn_dim:], (c.ffn_dim, D), True),
+                    p + "mlp.down_proj.weight": (model.w2[i], (D, c.ffn_dim), True)}
+    return targets
 
 
 def model_id(model):
@@ -533,4 +542,35 @@ def load_fill(model, path=None):
     if mu is None or tuple(mu.shape) != want:
         raise UserError(f"{path} is damaged: it needs a tensor mu of shape {want}; {fix}")
     model.fill_mu = mu.to(model.tok_emb.device, model.tok_emb.dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------- exit-tuning deltas
+
+def save_tuning(deltas, path, meta):
+    """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
+    from safetensors.torch import save_file
+    tensors = {f"{n}.{k}": getattr(d, k).detach().to("cpu", torch.bfloat16).contiguous()
+               for n, d in deltas.items() for k in "AB"}
+    save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
+    os.replace(f"{path}.tmp", path)
+
+
+def load_tuning(model, path):
+    """Merge a delta file from tune_exits.py into a loaded base model, refusing one made for other
+    weights."""
+    from tune_exits import add_deltas, merge_deltas
+    meta, tensors = read_artifact(path, "tuning", "make one with tune_exits.py", model)
+    try:
+        rank, alpha, targets = int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(",")
+        deltas = add_deltas(model, rank, alpha, targets)
+        for name, d in deltas.items():
+            d.A.data.copy_(tensors[f"{name}.A"])
+            d.B.data.copy_(tensors[f"{name}.B"])
+    except (KeyError, ValueError, RuntimeError, AttributeError) as e:
+        raise UserError(f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); make it again") from None
+    merge_deltas(model)
+    model.fingerprint = hashlib.sha1((model.fingerprint + meta["base_model"] + repr(sorted(
+        (k, hashlib.sha1(t.float().numpy().tobytes()).hexdigest()) for k, t in tensors.items()))).encode()).hexdigest()
+    model.tuning = meta
     return model

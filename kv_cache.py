@@ -22,33 +22,40 @@ CHECK_WRITES = False  # tests set this: every read then asserts that its slots w
 
 
 class KVCache:
-    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once. mask_unwritten=True is the
-    ablation ADEPT argues against: skipped layers are left empty and masked out, instead of filled."""
+    """k, v: [n_layers, batch, n_kv_heads, max_len, head_dim], allocated once.
 
-    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device, mask_unwritten=False):
+    mask_unwritten=True is the ablation ADEPT argues against: skipped layers are left empty
+    and masked out, not filled."""
+
+    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype, device,
+                 mask_unwritten=False):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        # masked slots are still multiplied (by a zero weight), so they must not hold NaN from fresh memory
+        # masked slots are still multiplied (by a zero weight): no NaN from fresh memory in them
         alloc = torch.zeros if mask_unwritten else torch.empty
-        self.k, self.v = alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device)
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.mask_unwritten = mask_unwritten
-        self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device) if CHECK_WRITES or mask_unwritten else None
+        self.written = None
+        if CHECK_WRITES or mask_unwritten:
+            self.written = torch.zeros(n_layers, max_len, dtype=torch.bool, device=device)
 
     def write(self, i, pos, k, v):
-        """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n] (i a slice of S layers:
-        k, v [S, B, n, n_kv_heads, head_dim])."""
+        """Store layer i's k, v [B, n, n_kv_heads, head_dim] at positions pos [n] (i a slice of S
+        layers: k, v [S, B, n, n_kv_heads, head_dim])."""
         self.k[i][..., pos, :] = k.transpose(-3, -2)
         self.v[i][..., pos, :] = v.transpose(-3, -2)
         if self.written is not None:
             self.written[i, pos] = True
 
     def read(self, i, end):
-        """Layer i's keys and values at positions [0, end): two views [B, n_kv_heads, end, head_dim],
-        and which of those positions may be attended to ([end] bool), or None for all."""
+        """Layer i's keys and values at positions [0, end): two views [B, n_kv_heads, end,
+        head_dim], and which of those positions may be attended to ([end] bool), or None for all."""
         if self.mask_unwritten:
             return self.k[i, :, :, :end], self.v[i, :, :, :end], self.written[i, :end]
         if self.written is not None and not bool(self.written[i, :end].all()):
             missing = (~self.written[i, :end]).nonzero().flatten().tolist()
-            raise AssertionError(f"layer {i}: positions {missing[:8]} read from the KV cache before being written")
+            raise AssertionError(f"layer {i}: positions {missing[:8]} read from the KV cache "
+                                 "before being written")
         return self.k[i, :, :, :end], self.v[i, :, :, :end], None
 
 
@@ -58,7 +65,8 @@ class SequenceCache:
     autograd can follow it, and no memory is allocated ahead."""
 
     def write(self, i, pos, k, v):
-        self.k, self.v = k.transpose(1, 2), v.transpose(1, 2)  # [B, n, kv_heads, hd] -> [B, kv_heads, n, hd]
+        # [B, n, kv_heads, hd] -> [B, kv_heads, n, hd]
+        self.k, self.v = k.transpose(1, 2), v.transpose(1, 2)
 
     def read(self, i, end):
         return self.k[:, :, :end], self.v[:, :, :end], None
@@ -71,26 +79,30 @@ def skipped_kv(model, h, pos, e):
     bmm projects through all the skipped layers' K/V weights at once.
     """
     c, mu = model.config, model.fill_mu
-    h = h[None] if mu is None else h[None] + (mu[e:c.n_layers, None] - mu[e])  # calibrated: layer l reads h_e + mu[l] - mu[e]
+    # calibrated: layer l reads h_e + mu[l] - mu[e]
+    h = h[None] if mu is None else h[None] + (mu[e:c.n_layers, None] - mu[e])
     x = F.rms_norm(h, (c.dim,), None, c.norm_eps) * model.attn_norm[e:, None]   # [S, n, D]
-    k, v = torch.bmm(x, model.wqkv[e:, :, c.q_dim:]).unflatten(-1, (2, c.n_kv_heads, c.head_dim)).unbind(2)
+    kv = torch.bmm(x, model.wqkv[e:, :, c.q_dim:])  # [S, n, 2 * kv_dim]
+    k, v = kv.unflatten(-1, (2, c.n_kv_heads, c.head_dim)).unbind(2)
     return model.rope(k, pos), v
 
 
 def fill_decoupled(cache, model, h, pos, e):
-    """ADEPT's fill: the K/V of every skipped layer of tokens that exit after layer e, in one batched operation.
+    """ADEPT's fill: the K/V of every skipped layer of tokens that exit after layer e, in one
+    batched operation.
 
-    h: [n, D], the exit hidden states of n tokens at positions pos [n] of a one-sequence cache (forward_tokens
-    runs batch 1). Layers are 0-indexed in the cache, so the skipped layers are e..L-1.
+    h: [n, D], the exit hidden states of n tokens at positions pos [n] of a one-sequence cache
+    (forward_tokens runs batch 1). Layers are 0-indexed in the cache: the skipped ones are e..L-1.
     """
     k, v = skipped_kv(model, h, pos, e)
     cache.write(slice(e, None), pos, k[:, None], v[:, None])  # [S, B=1, n, kv_heads, hd]
 
 
 def fill_layer(cache, model, h, pos, e, i):
-    """Layer i's K/V (0-indexed, i >= e) for tokens that exited after layer e with states h [n, D]."""
+    """Layer i's K/V (0-indexed, i >= e) for tokens that exited after layer e, states h [n, D]."""
     c, mu = model.config, model.fill_mu
-    x = F.rms_norm(h if mu is None else h + (mu[i] - mu[e]), (c.dim,), model.attn_norm[i], c.norm_eps)
+    h = h if mu is None else h + (mu[i] - mu[e])
+    x = F.rms_norm(h, (c.dim,), model.attn_norm[i], c.norm_eps)
     k, v = (x @ model.wqkv[i, :, c.q_dim:]).view(1, len(pos), 2, c.n_kv_heads, c.head_dim).unbind(2)
     cache.write(i, pos, model.rope(k, pos), v)  # [B=1, n, kv_heads, hd]
 

@@ -59,7 +59,7 @@ class Transformer(torch.nn.Module):
         self.w2 = P(L, F_, D)
         self.norm = P(D)
         self.lm_head = P(D, c.vocab_size)  # a transposed copy of tok_emb when tied
-        self.fill_mu = None                # [L+1, D]: the calibrated fill's mean hidden states (kv_cache.py)
+        self.fill_mu = None                # [L+1, D]: the calibrated fill's means (kv_cache.py)
         self.register_buffer("cos", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(c.max_seq_len, c.head_dim), persistent=False)
         if self.cos.device.type != "meta":
@@ -81,13 +81,13 @@ class Transformer(torch.nn.Module):
     def new_cache(self, batch, max_len, mask_unwritten=False) -> KVCache:
         c = self.config
         if max_len > c.max_seq_len:
-            raise ValueError(f"{max_len} tokens exceed the model's context length of {c.max_seq_len}; "
-                            "use a shorter prompt or fewer new tokens")
-        return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype, self.tok_emb.device,
-                       mask_unwritten)
+            raise ValueError(f"{max_len} tokens exceed the model's context length of "
+                             f"{c.max_seq_len}; use a shorter prompt or fewer new tokens")
+        return KVCache(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, self.tok_emb.dtype,
+                       self.tok_emb.device, mask_unwritten)
 
     def layer(self, i, h, pos, cache, mask):
-        """Run layer i on the tokens of h at positions pos; return the new h and the layer's (q, k, v).
+        """Run layer i on the tokens of h at positions pos; return the new h and its (q, k, v).
 
         h: [B, n, D]; pos: LongTensor [n]. The tokens' K/V are written to the cache first,
         then each token attends to cache positions [0, end) where mask [n, end] (or
@@ -102,17 +102,20 @@ class Transformer(torch.nn.Module):
         qr = self.rope(q.view(B, n, c.n_heads, c.head_dim), pos)
         kr = self.rope(k.view(B, n, c.n_kv_heads, c.head_dim), pos)
         cache.write(i, pos, kr, v.view(B, n, c.n_kv_heads, c.head_dim))
-        keys, values, valid = cache.read(i, mask.shape[-1])                    # [B, kv_heads, end, hd]
+        keys, values, valid = cache.read(i, mask.shape[-1])  # [B, kv_heads, end, hd]
         if valid is not None:  # the empty-KV ablation: skipped layers' slots are masked out
             mask = mask & valid  # [n, end]; a token always sees itself
-        a = F.scaled_dot_product_attention(qr.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
-        h = h + a.transpose(1, 2).reshape(B, n, c.q_dim) @ self.wo[i]         # [B, heads, n, hd] -> [B, n, q_dim]
+        a = F.scaled_dot_product_attention(qr.transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=True)
+        a = a.transpose(1, 2).reshape(B, n, c.q_dim)  # [B, heads, n, hd] -> [B, n, q_dim]
+        h = h + a @ self.wo[i]
         x = F.rms_norm(h, (D,), self.ffn_norm[i], c.norm_eps)
         gate, up = (x @ self.w13[i]).chunk(2, dim=-1)
         return h + (F.silu(gate) * up) @ self.w2[i], (q, k, v)
 
     def head(self, h):
-        """Logits from a hidden state of any layer: final norm + the shared LM head (paper 2's exit head)."""
+        """Logits from a hidden state of any layer: final norm + the shared LM head (the exit head
+        of Shan et al., arXiv 2412.01455: no extra heads)."""
         return F.rms_norm(h, (self.config.dim,), self.norm, self.config.norm_eps) @ self.lm_head
 
     def forward(self, ids, exit_layer=None, hidden_states=None):
@@ -132,8 +135,10 @@ class Transformer(torch.nn.Module):
         mask = pos[:, None] >= pos[None, :]  # causal
         h, cache, mu = self.tok_emb[ids], SequenceCache(), self.fill_mu
         for i in range(self.config.n_layers):
-            ran = None if exit_layer is None else (exit_layer > i)[..., None]  # does layer i+1 run for the token?
-            x = h if ran is None or mu is None else torch.where(ran, h, h + (mu[i] - mu[exit_layer]))
+            # does layer i+1 run for the token? If not, it reads the exit state (calibrated)
+            ran = None if exit_layer is None else (exit_layer > i)[..., None]
+            x = h if ran is None or mu is None else \
+                torch.where(ran, h, h + (mu[i] - mu[exit_layer]))
             h_next, qkv = self.layer(i, x, pos, cache, mask)
             h = h_next if ran is None else torch.where(ran, h_next, h)
             if hidden_states is not None:
@@ -150,7 +155,8 @@ def rope_inv_freq(c: Config) -> torch.Tensor:
     if s["rope_type"] == "linear":
         return inv / s["factor"]
     # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between
-    factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    orig = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
-    smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 beyond orig / lo, 1 below orig / hi
+    smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 beyond orig/lo, 1 below orig/hi
     return (1 - smooth) * inv / factor + smooth * inv

@@ -13,9 +13,8 @@ import torch
 from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static, Stats,
                    classify, generate)
 from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier, load_fill,
-                        load_router)
+                        load_router, load_tuning)
 from convert import default_checkpoint
-from tune_exits import load_tuning
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="use the model's chat template (default: if it has one)")
     p.add_argument("--policy", help=f"exit policy, NAME or NAME:VALUE: {', '.join(POLICIES)}, e.g. router:0.43, "
                    "static:24, confidence:0.9 (default: router if one exists for the model, else full)")
-    p.add_argument("--tuning", help="merge this exit-tuning delta (train_exits.py --tune) into the model; use a router trained for it")
+    p.add_argument("--tuning", help="merge this exit-tuning delta (tune_exits.py) into the model; use a router "
+                   "trained for it")
     p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
     p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")

@@ -2,12 +2,12 @@
 
     python train_exits.py                 # default model: data, targets, training, evaluation
     python train_exits.py --eval          # evaluate the shipped router only
-    python train_exits.py --tune          # exit tuning instead (tune_exits.py): a low-rank delta for the model
-    python train_exits.py --tuning D --out R.safetensors   # a router for the tuned model
+    python train_exits.py --tuning D --out R.safetensors   # a router for a model tuned by tune_exits.py
     python train_exits.py --calibrate     # the calibrated KV fill's statistics, beside the router file
     python train_exits.py --target prompt # the router for prompt tokens (exits/<model>.prompt.safetensors)
+    python train_exits.py --classify DIR --out C.safetensors   # exit classifiers for labelled documents
 
-Targets (ADEPT.md §3). One full-depth pass gives, for token j and layer i, the state
+Targets. One full-depth pass gives, for token j and layer i, the state
 (h, q, k, v) and T(i,j) = 1 if the shared head at layer i predicts the full model's
 argmax (what greedy generation needs), else 0; C(i) = i/L. With R(i) = λ·T(i) − β·C(i)
 the soft label of Exit over Continue at layer i is σ(R(i) − max_{i'>i} R(i')): the
@@ -18,6 +18,12 @@ Prompt tokens (--target prompt) are read only through their K/V, by the tokens a
 them, so their task term is the harm their fill does there: T(i, j) = −E(i, j), the
 relative error of the K/V that the (calibrated) fill gives token j from h_i, summed over
 the layers it would skip, each weighted by the mean attention later tokens pay j there.
+
+Exit classifiers (--classify). One full-depth pass per training document gives every layer's
+pooled features (the mean over its tokens of rmsnorm(h)); a logistic-regression head per layer is
+fitted on them. The gate's router is trained on the heads' out-of-fold probabilities, T(i) = 1
+where layer i's head gives the label that layer L's head gives; the confidence gate's threshold
+is the lowest whose out-of-fold accuracy stays within half a point of full depth's.
 
 Data (data.py), without downloads: text the model generates itself from built-in prompts,
 and English docstrings of the Python standard library ("human text"), or your own files
@@ -35,14 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import ExitClassifier, Router, RouterPolicy, pooled
-from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fill, load_router, model_id,
-                        read_labelled, save_classifier, save_router)
+from adept import ExitClassifier, Router, RouterPolicy, pooled, router_features
+from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fill, load_router, load_tuning,
+                        model_id, read_labelled, save_classifier, save_router)
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, resume, save_atomic, split, split_fingerprint
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
 from kv_cache import skipped_kv
-from tune_exits import load_tuning, tune_main
 
 
 def build_data(model, tok, args):
@@ -56,16 +61,19 @@ def build_data(model, tok, args):
     rng.shuffle(gen)
     k_gen, k_hum = max(1, len(gen) // 5), max(1, len(human) // 10)  # held out by whole document
     human_heldout, human_train = human[:k_hum], human[k_hum:][:args.human_chunks]
-    return {"train": gen[k_gen:] + human_train, "heldout_generated": gen[:k_gen], "heldout_human": human_heldout[:args.eval_chunks]}
+    data = {"train": gen[k_gen:] + human_train, "heldout_generated": gen[:k_gen],
+            "heldout_human": human_heldout[:args.eval_chunks]}
+    for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
+        if not data[k]:
+            raise UserError(f"no held-out {what} to evaluate on: "
+                            f"{'give more text with --data' if args.data else 'generate longer texts'}")
+    n = {k: sum(len(ids) - s for ids, s in seqs) for k, seqs in data.items()}
+    print(f"data: {n['train']} training (and validation) tokens, {n['heldout_generated']} held-out generated, "
+          f"{n['heldout_human']} held-out human", file=sys.stderr)
+    return data
 
 
 # ----------------------------------------------------------------------------- targets
-
-
-def router_features(model, h, q, k, v):
-    """The router's view of the state (h, q, k, v) as training computes it: rmsnorm(h), then q, k, v
-    [n, 2*D + 2*kv_dim]. RouterPolicy computes the same with its constants folded into the router."""
-    return torch.cat((F.rms_norm(h, (model.config.dim,), None, model.config.norm_eps), q, k, v), dim=-1)
 
 
 def preference_labels(T, lam, beta):
@@ -281,173 +289,165 @@ def train_gate_router(model, clf, feats, probs, args):
     return router
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default=None, help=f"router file to write (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)} for the default model)")
+    p.add_argument("--out", help="file to write (default, for the default model: exits/<model>.safetensors, "
+                   ".prompt.safetensors with --target prompt, .classify.safetensors with --classify)")
     p.add_argument("--data", nargs="+", help="your own text files as the human text (default: stdlib docstrings)")
     p.add_argument("--target", choices=("next-token", "prompt"), default="next-token",
                    help="what the router's exits must preserve: the token's own prediction, or (prompt) its K/V")
     p.add_argument("--lam", type=float, default=4.0, help="λ, weight of task performance T")
     p.add_argument("--beta", type=float, default=1.0, help="β, weight of compute cost C = i/L")
     p.add_argument("--min-layer", type=int, default=None,
-                   help="no exit before this layer (default: two thirds of the layers): a shallow exit fills deeper "
-                        "layers' K/V from a shallow state, misleading later tokens, and each asked layer costs time")
+                   help="no exit before this layer (default: two thirds of the layers): a shallow exit fills "
+                        "deeper layers' K/V from a shallow state, misleading later tokens, and each asked layer "
+                        "costs time")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=16, help="router hidden units per layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of each generated text")
     p.add_argument("--human-chunks", type=int, default=40, help="128-token chunks of human text to train on")
     p.add_argument("--eval-chunks", type=int, default=8, help="held-out chunks of human text to evaluate on")
-    p.add_argument("--target-agreement", type=float, default=0.9, help="default threshold: lowest depth reaching this on validation text")
+    p.add_argument("--target-agreement", type=float, default=0.9,
+                   help="default threshold: lowest depth reaching this on validation text")
     p.add_argument("--eval", action="store_true", help="only evaluate the router at --out (or the default one)")
     p.add_argument("--no-router", action="store_true", help="with --eval: full depth, static depths and the gates only")
-    p.add_argument("--tuning", help="merge this delta file (from --tune) into the model first: train or evaluate a router for it")
-    p.add_argument("--calibrate", action="store_true", help="measure the calibrated fill's mean hidden states on the training "
-                   "text and write them beside the router file (<out>.fill.safetensors), instead of training a router")
-    p.add_argument("--fill", help="fill calibration the router is evaluated with (default: the shipped one for the default "
-                   "model, else plain), or 'plain'")
-    t = p.add_argument_group("exit tuning (--tune): low-rank deltas distilled from the frozen model through the ADEPT path")
-    t.add_argument("--tune", action="store_true", help="train a delta and write it to --tuning-out, instead of a router")
-    t.add_argument("--tuning-out", help="delta file to write (default: exits/<model>.tuning.safetensors for the default model)")
-    t.add_argument("--rank", type=int, default=8, help="rank of every delta")
-    t.add_argument("--alpha", type=float, default=16.0, help="deltas are scaled by alpha / rank")
-    t.add_argument("--tune-steps", type=int, default=200, help="optimizer steps (about 6.6 s each on 2 CPU cores)")
-    t.add_argument("--tune-lr", type=float, default=3e-4)
-    t.add_argument("--tune-batch", type=int, default=4, help="sequences per step")
-    t.add_argument("--tune-len", type=int, default=128, help="tokens per sequence")
-    t.add_argument("--exit-rate", type=float, default=0.25, help="share of tokens that exit in the ADEPT path while tuning")
-    t.add_argument("--exit-layers", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="tokens exit at a layer drawn from LO..HI (default: the deepest 8 exits, L-8 .. L-1, where "
-                        "the router exits on the default model; shallower exits' large losses pulled the deep layers away)")
-    t.add_argument("--final-weight", type=float, default=16.0, help="weight of the full-depth tokens' loss (exits: 1)")
-    t.add_argument("--no-fill", action="store_true", help="ablation: exits judged on full-depth states, no filled K/V in the loop")
-    t.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
-    t.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
-    t.add_argument("--eval-every", type=int, default=25, help="steps between held-out estimates and checkpoints")
+    p.add_argument("--tuning", help="merge this delta file (tune_exits.py) into the model first: train or evaluate "
+                   "a router for it")
+    p.add_argument("--calibrate", action="store_true", help="measure the calibrated fill's mean hidden states on "
+                   "the training text and write them beside the router file (<out>.fill.safetensors)")
+    p.add_argument("--fill", help="fill calibration the router is evaluated with (default: the shipped one for "
+                   "the default model, else plain), or 'plain'")
+    p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)  # now tune_exits.py: refused by name
     k = p.add_argument_group("exit classifiers (--classify): a head per layer on a document's pooled features")
-    k.add_argument("--classify", metavar="DIR", help="train exit classifiers on this folder (one subfolder of .txt "
-                   "files per label) and write them to --out (default: exits/<model>.classify.safetensors)")
+    k.add_argument("--classify", metavar="DIR", help="train exit classifiers on this folder (one subfolder of "
+                   ".txt files per label) and write them to --out")
     k.add_argument("--tokens", type=int, default=256, help="each document's first tokens that are read")
     k.add_argument("--held-out", type=int, default=825, help="documents held out of training (seeded by --seed)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="router runs only: exit tuning trains in float32")
-    p.add_argument("--all-gates", action="store_true",
-                   help="sweep 5 settings of the confidence and entropy gates instead of 2 (they run the head at every layer: slow)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--all-gates", action="store_true", help="sweep 5 settings of the confidence and entropy "
+                   "gates instead of 2 (they run the head at every layer: slow)")
     p.add_argument("--json", help="write the evaluation here (records in the schema of bench.py --json)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing router file")
-    args = p.parse_args(argv)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    return p.parse_args(argv)
 
-    # everything the user gave is checked before the minutes of work start
-    if args.checkpoint and not args.out and not args.tune:
-        raise UserError("with --checkpoint, name the router file to write with --out")
-    if args.classify and (args.tune or args.eval or args.calibrate or args.target == "prompt"):
-        raise UserError("--classify trains exit classifiers; run --tune, --eval, --calibrate or --target separately")
-    suffix = ".classify.safetensors" if args.classify else ".prompt.safetensors" if args.target == "prompt" else None
-    out = Path(args.out) if args.out else DEFAULT_EXITS.with_suffix(suffix) if suffix else DEFAULT_EXITS
+
+def check_args(args):
+    """Everything the user gave, checked before the minutes of work start; returns the file to write."""
+    if args.tune:
+        raise UserError("exit tuning has its own command: python tune_exits.py, with the same flags but --tune")
     for what, ok, need in [("--lam", 0 < args.lam < math.inf, "> 0"), ("--beta", 0 < args.beta < math.inf, "> 0"),
                            ("--epochs", args.epochs >= 1, ">= 1"), ("--hidden", args.hidden >= 1, ">= 1"),
                            ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
-                           ("--max-new-tokens", args.max_new_tokens >= 8, ">= 8"), ("--human-chunks", args.human_chunks >= 0, ">= 0"),
+                           ("--max-new-tokens", args.max_new_tokens >= 8, ">= 8"),
+                           ("--human-chunks", args.human_chunks >= 0, ">= 0"),
                            ("--eval-chunks", args.eval_chunks >= 1, ">= 1"),
                            ("--target-agreement", 0 < args.target_agreement <= 1, "in (0, 1]"),
-                           ("--rank", args.rank >= 1, ">= 1"), ("--alpha", 0 < args.alpha < math.inf, "> 0"),
-                           ("--tune-steps", args.tune_steps >= 1, ">= 1"), ("--tune-lr", 0 < args.tune_lr < math.inf, "> 0"),
-                           ("--tune-batch", args.tune_batch >= 1, ">= 1"), ("--tune-len", args.tune_len >= 2, ">= 2"),
-                           ("--exit-rate", 0 <= args.exit_rate <= 1, "in [0, 1]"), ("--gen-seeds", args.gen_seeds >= 1, ">= 1"),
-                           ("--tokens", args.tokens >= 1, ">= 1"), ("--held-out", args.held_out >= 1, ">= 1"),
-                           ("--final-weight", 0 < args.final_weight < math.inf, "> 0"), ("--eval-every", args.eval_every >= 1, ">= 1")]:
+                           ("--tokens", args.tokens >= 1, ">= 1"), ("--held-out", args.held_out >= 1, ">= 1")]:
         if not ok:
             raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
-    if args.tune and args.dtype != "float32":
-        raise UserError("exit tuning trains in float32 (Adam on bfloat16 deltas loses the small updates); drop --dtype")
+    modes = [m for m, on in (("--classify", args.classify), ("--eval", args.eval), ("--calibrate", args.calibrate),
+                             ("--target prompt", args.target == "prompt")) if on]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are separate runs; give one of them")
     if args.no_router and not args.eval:
         raise UserError("--no-router belongs to --eval (a router run trains a router)")
-    if args.tune and (args.eval or args.tuning):
-        raise UserError("--tune trains a delta on the base model; --eval and --tuning belong to router runs")
-    if args.tune and args.checkpoint and not args.tuning_out:
-        raise UserError("with --checkpoint, name the delta file to write with --tuning-out")
-    if args.target == "prompt" and (args.tune or args.eval or args.calibrate):
-        raise UserError("--target prompt trains a prompt router; run --tune, --eval or --calibrate separately")
-    if args.calibrate and (args.tune or args.eval):
-        raise UserError("--calibrate writes fill statistics only; run --tune or --eval separately")
+    if args.checkpoint and not args.out:
+        raise UserError("with --checkpoint, name the file to write with --out")
     if args.tuning and not args.out and not args.eval:
         raise UserError("a router for a tuned model is another router: name it with --out")
-    tuning_out = Path(args.tuning_out) if args.tuning_out else DEFAULT_EXITS.with_suffix(".tuning.safetensors")
+    suffix = ".classify.safetensors" if args.classify else ".prompt.safetensors" if args.target == "prompt" else None
+    out = Path(args.out) if args.out else DEFAULT_EXITS.with_suffix(suffix) if suffix else DEFAULT_EXITS
+    written = out.with_suffix(".fill.safetensors") if args.calibrate else out
+    if not args.eval:
+        check_output(written, "--out")
+        if written.exists() and not args.force:
+            raise UserError(f"{written} exists; pass --force to overwrite it or --out to write elsewhere")
+    if args.json:
+        check_output(args.json, "--json")
+    return out, written
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, written = check_args(args)
     args.data_texts = [read_text(f) for f in args.data or []]
     runs = Path("runs")
     runs.mkdir(exist_ok=True)
-    # the file this run writes: a delta, fill statistics or a router (--eval writes none)
-    written, flag = ((tuning_out, "--tuning-out") if args.tune else
-                     (out.with_suffix(".fill.safetensors") if args.calibrate else out, "--out"))
-    if not args.eval:
-        check_output(written, flag)
-        if written.exists() and not args.force:
-            raise UserError(f"{written} exists; pass --force to overwrite it or {flag} to write elsewhere")
-    if args.json:
-        check_output(args.json, "--json")
     torch.manual_seed(args.seed)
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     if args.tuning:
         load_tuning(model, args.tuning)
-    load_fill(model, args.fill or ("plain" if args.tune else None))  # exit tuning trains with the plain fill, as the shipped delta was
+    load_fill(model, args.fill)
     L = model.config.n_layers
-    if args.min_layer is None:  # on SmolLM2-135M asking from 20 rather than 12 kept agreement, cost less (docs/RESULTS.md)
+    if args.min_layer is None:  # on SmolLM2-135M asking from 20 rather than 12 kept agreement, cost less
         args.min_layer = 2 * L // 3
     if not 1 <= args.min_layer <= L:
         raise UserError(f"--min-layer {args.min_layer} is out of range; it must be in [1, {L}]")
-    args.exit_layers = args.exit_layers or [max(1, L - 8), L - 1]
-    if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
-        raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy 1 <= LO <= HI <= {L}")
     if args.classify:
         return train_classify(model, tok, args, out, runs)
-    if args.tune:
-        return tune_main(model, tok, args, tuning_out, runs)
-    base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None  # what agreement is measured against
+    # what agreement is measured against: the base model, also for a tuned one
+    base = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])[0] if args.tuning else None
     router = load_router(out, model) if args.eval and not args.no_router else None
     t0 = time.time()
     data = build_data(base or model, tok, args)
-    for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
-        if not data[k]:
-            raise UserError(f"no held-out {what} to evaluate on: {'give more text with --data' if args.data else 'generate longer texts'}")
-    print(f"data: {sum(len(i) - s for i, s in data['train'])} training (and validation) tokens, "
-          f"{sum(len(i) - s for i, s in data['heldout_generated'])} held-out generated, "
-          f"{sum(len(i) - s for i, s in data['heldout_human'])} held-out human ({time.time() - t0:.0f}s)", file=sys.stderr)
-
     if args.calibrate:
-        mu, n = fill_statistics(model, data["train"])
-        from safetensors.torch import save_file
-        save_file({"mu": mu.cpu().contiguous()}, str(written), metadata={"base_model": model_id(model), "tokens": str(n),
-                  "text": "train_exits.py training text (generated + human), positions >= 4"})
-        return print(f"wrote {written}: mean hidden states after 0..{L} layers over {n} tokens ({time.time() - t0:.0f}s)", file=sys.stderr)
+        return calibrate(model, data["train"], written, t0)
     if not args.eval:
-        n_val = max(1, len(data["train"]) // 10)  # validation sequences (for the threshold), not trained on
-        val, train_seqs = data["train"][:n_val], data["train"][n_val:]
-        # Prompts are trained on too: in prefill the router decides for every prompt token (chat
-        # template included), and a router that never saw them exits some of them at random.
-        feats, T = (prompt_targets if args.target == "prompt" else targets)(model, [(ids, 0) for ids, _ in train_seqs])
-        labels = preference_labels(T, args.lam, args.beta)
-        print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
-              f"mean T by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
-        torch.manual_seed(args.seed)
-        router = Router(model.config, args.hidden)
-        router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
-        recipe = {k: getattr(args, k) for k in ("lam", "beta", "hidden", "seed", "target", "data", "max_new_tokens",
-                                                "human_chunks", "tuning", "fill")}  # what the features and labels depend on
-        train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt", recipe=recipe)
-        router.to(model.tok_emb.device, model.tok_emb.dtype)
-        # a prompt router is judged where its tokens are read, by bench.py's prefill and label figures; 0.5 = even odds
-        threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val, args.target_agreement, base)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_router(router, Path(f"{out}.tmp"), {"base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
-                                         "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer,
-                                         "lam": args.lam, "beta": args.beta, "seed": args.seed, "epochs": args.epochs,
-                                         "target": args.target, "fill": "calibrated" if model.fill_mu is not None else "plain"})
-        os.replace(f"{out}.tmp", out)
-        (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
-        print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
+        router = train_router(model, data["train"], args, out, runs, base, t0)
         if args.target == "prompt":
-            return
+            return  # a prompt router is judged where its tokens are read, by bench.py's prefill figures
+    evaluate_router(model, router, data, args, out, base, argv, t0)
+
+
+def calibrate(model, seqs, written, t0):
+    """--calibrate: the calibrated fill's mean hidden states, written beside the router file."""
+    from safetensors.torch import save_file
+    mu, n = fill_statistics(model, seqs)
+    save_file({"mu": mu.cpu().contiguous()}, str(written), metadata={
+        "base_model": model_id(model), "tokens": str(n),
+        "text": "train_exits.py training text (generated + human), positions >= 4"})
+    print(f"wrote {written}: mean hidden states after 0..{model.config.n_layers} layers over {n} tokens "
+          f"({time.time() - t0:.0f}s)", file=sys.stderr)
+
+
+def train_router(model, seqs, args, out, runs, base, t0):
+    """Targets from one full-depth pass, the router trained on their preference labels (resumable),
+    its threshold picked on validation sequences, and the file written atomically."""
+    n_val = max(1, len(seqs) // 10)  # validation sequences (for the threshold), not trained on
+    val, train_seqs = seqs[:n_val], seqs[n_val:]
+    # Prompts are trained on too: in prefill the router decides for every prompt token (chat
+    # template included), and a router that never saw them exits some of them at random.
+    make_targets = prompt_targets if args.target == "prompt" else targets
+    feats, T = make_targets(model, [(ids, 0) for ids, _ in train_seqs])
+    labels = preference_labels(T, args.lam, args.beta)
+    print(f"targets: {feats.shape[1]} tokens x {feats.shape[0]} layers ({time.time() - t0:.0f}s); "
+          f"mean T by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    router = Router(model.config, args.hidden)
+    router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
+    recipe = {k: getattr(args, k) for k in ("lam", "beta", "hidden", "seed", "target", "data", "max_new_tokens",
+                                            "human_chunks", "tuning", "fill")}  # what features and labels depend on
+    train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt", recipe=recipe)
+    router.to(model.tok_emb.device, model.tok_emb.dtype)
+    threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val,
+                                                                   args.target_agreement, base)  # 0.5: even odds
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_router(router, Path(f"{out}.tmp"), {
+        "base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
+        "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer, "lam": args.lam,
+        "beta": args.beta, "seed": args.seed, "epochs": args.epochs, "target": args.target,
+        "fill": "calibrated" if model.fill_mu is not None else "plain"})
+    os.replace(f"{out}.tmp", out)
+    (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
+    print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
+    return router
+
+
+def evaluate_router(model, router, data, args, out, base, argv, t0):
+    """Full depth, static depths, the gates and the router on held-out generated and human text."""
     gates = ALL_GATES if args.all_gates else GATES
     records = sweep(model, router, data["heldout_generated"], "eval-generated", gates, base) + \
         sweep(model, router, data["heldout_human"], "eval-human", gates, base)
@@ -455,14 +455,17 @@ def main(argv=None):
     print(report(records))
     for r in records:
         if r["policy"] == "router" and r["setting"] == threshold:
-            print(f"\nshipped threshold {threshold} on {r['scenario']} (n = {r['n']} tokens): agreement {r['agreement']:.1%} "
-                  f"[{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}], mean exit layer {r['mean_exit_layer']:.1f} of "
-                  f"{model.config.n_layers}, compute saved {r['compute_saved']:.1%}, ppl {r['ppl']:.1f} (full {r['full_ppl']:.1f})")
+            print(f"\nshipped threshold {threshold} on {r['scenario']} (n = {r['n']} tokens): agreement "
+                  f"{r['agreement']:.1%} [{r['agreement_lo']:.1%}, {r['agreement_hi']:.1%}], mean exit layer "
+                  f"{r['mean_exit_layer']:.1f} of {model.config.n_layers}, compute saved {r['compute_saved']:.1%}, "
+                  f"ppl {r['ppl']:.1f} (full {r['full_ppl']:.1f})")
     print(f"\ntotal {time.time() - t0:.0f}s")
     if args.json:
         meta = {"command": "python train_exits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "model": model.name, "model_id": model_id(model), "tuning": args.tuning, "router": router and str(out), "threshold": threshold}
+                "model": model.name, "model_id": model_id(model), "tuning": args.tuning,
+                "router": router and str(out), "threshold": threshold}
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+
 
 if __name__ == "__main__":
     try:

@@ -1,18 +1,19 @@
-"""Exit tuning (paper 2's joint optimisation): low-rank deltas on every layer's projections,
+"""Exit tuning (the joint optimisation of Shan et al., "Early Exit Is a Natural Capability in
+Transformer-based Models", arXiv 2412.01455): low-rank deltas on every layer's projections,
 self-distilled from the frozen base model at full depth, with the ADEPT path in the loop:
 tokens exit at sampled layers, later tokens are trained through their filled K/V, and the
 exited tokens' own loss is taken through the shared head at their exit layer.
 
-    python train_exits.py --tune          # writes exits/<model>.tuning.safetensors
+    python tune_exits.py                  # writes exits/<model>.tuning.safetensors
+    python train_exits.py --tuning FILE --out R.safetensors   # then a router for the tuned model
     python sample.py --tuning FILE ...    # the delta merged into the weights at load
 
 The router (train_exits.py) learns where a frozen model may exit; exit tuning changes the
 model instead, and a router is then trained for the tuned model.
 """
-import hashlib
+import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -21,8 +22,11 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from checkpoint import UserError, model_id, read_artifact
-from data import NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, resume, save_atomic
+from checkpoint import DEFAULT_EXITS, UserError, load, load_fill, model_id, save_tuning
+from convert import default_checkpoint
+from data import (NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, read_text, resume,
+                  save_atomic)
+from evaluate import check_output
 
 # ----------------------------------------------------------------------------- low-rank deltas
 
@@ -64,27 +68,7 @@ def merge_deltas(model):
             getattr(model, name).requires_grad_(False)
 
 
-def load_tuning(model, path):
-    """Merge a delta file from `train_exits.py --tune` into a loaded base model, refusing one made for other weights."""
-    meta, tensors = read_artifact(path, "tuning", "make one with train_exits.py --tune", model)
-    try:
-        rank, alpha, targets = int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(",")
-        deltas = add_deltas(model, rank, alpha, targets)
-        for name, d in deltas.items():
-            d.A.data.copy_(tensors[f"{name}.A"])
-            d.B.data.copy_(tensors[f"{name}.B"])
-    except (KeyError, ValueError, RuntimeError, AttributeError) as e:
-        raise UserError(f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); make it again") from None
-    merge_deltas(model)
-    model.fingerprint = hashlib.sha1((model.fingerprint + meta["base_model"] + repr(sorted(
-        (k, hashlib.sha1(t.float().numpy().tobytes()).hexdigest()) for k, t in tensors.items()))).encode()).hexdigest()
-    model.tuning = meta
-    return model
-
-
-
-
-# ----------------------------------------------------------------------------- exit tuning (joint optimisation, paper 2)
+# ----------------------------------------------------------------------------- exit tuning (joint optimisation)
 #
 # The router above learns where a frozen model may exit. Exit tuning changes the model instead:
 # low-rank deltas (model.LowRank) trained by self-distillation from the frozen base, through the
@@ -215,16 +199,8 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
     return deltas, log
 
 
-def save_tuning(deltas, path, meta):
-    """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
-    from safetensors.torch import save_file
-    tensors = {f"{n}.{k}": getattr(d, k).detach().to("cpu", torch.bfloat16).contiguous() for n, d in deltas.items() for k in "AB"}
-    save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
-    os.replace(f"{path}.tmp", path)
-
-
 def tune_main(model, tok, args, tuning_out, runs):
-    """--tune: data, the tuning loop (resumable), the delta file, and the learning curve."""
+    """Data, the tuning loop (resumable), the delta file, and the learning curve."""
     t0 = time.time()
     base_id = model_id(model)
     train_w, val_w = tuning_data(model, tok, args)
@@ -252,5 +228,90 @@ def tune_main(model, tok, args, tuning_out, runs):
     for r in log:
         print(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python train_exits.py " + " ".join(sys.argv[1:])},
+        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python tune_exits.py " + " ".join(sys.argv[1:])},
                                                "learning_curve": log, "stored_bf16": stored}, indent=2))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tuning-out", help="delta file to write (default: exits/<model>.tuning.safetensors for the "
+                   "default model)")
+    p.add_argument("--data", nargs="+", help="your own text files to tune on (default: generated text and stdlib "
+                   "docstrings)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=8, help="rank of every delta")
+    p.add_argument("--alpha", type=float, default=16.0, help="deltas are scaled by alpha / rank")
+    p.add_argument("--tune-steps", type=int, default=200, help="optimizer steps (about 6.6 s each on 2 CPU cores)")
+    p.add_argument("--tune-lr", type=float, default=3e-4)
+    p.add_argument("--tune-batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--tune-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--exit-rate", type=float, default=0.25, help="share of tokens that exit in the ADEPT path")
+    p.add_argument("--exit-layers", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="tokens exit at a layer drawn from LO..HI (default: the deepest 8 exits, L-8 .. L-1, where "
+                        "the router exits on the default model; shallower exits' large losses pulled the deep "
+                        "layers away)")
+    p.add_argument("--final-weight", type=float, default=16.0, help="weight of the full-depth tokens' loss "
+                   "(exits: 1)")
+    p.add_argument("--no-fill", action="store_true", help="ablation: exits judged on full-depth states, no filled "
+                   "K/V in the loop")
+    p.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
+    p.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between held-out estimates and checkpoints")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", help="exit tuning trains in float32 only")
+    p.add_argument("--json", help="write the learning curve here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing delta file")
+    p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)  # the old spelling, train_exits.py --tune
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Everything the user gave, checked before the minutes of work start; returns the file to write."""
+    for what, ok, need in [("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"), ("--rank", args.rank >= 1, ">= 1"),
+                           ("--alpha", 0 < args.alpha < math.inf, "> 0"),
+                           ("--tune-steps", args.tune_steps >= 1, ">= 1"),
+                           ("--tune-lr", 0 < args.tune_lr < math.inf, "> 0"),
+                           ("--tune-batch", args.tune_batch >= 1, ">= 1"), ("--tune-len", args.tune_len >= 2, ">= 2"),
+                           ("--exit-rate", 0 <= args.exit_rate <= 1, "in [0, 1]"),
+                           ("--gen-seeds", args.gen_seeds >= 1, ">= 1"),
+                           ("--final-weight", 0 < args.final_weight < math.inf, "> 0"),
+                           ("--eval-every", args.eval_every >= 1, ">= 1")]:
+        if not ok:
+            raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    if args.dtype != "float32":
+        raise UserError("exit tuning trains in float32 (Adam on bfloat16 deltas loses the small updates); "
+                        "drop --dtype")
+    if args.checkpoint and not args.tuning_out:
+        raise UserError("with --checkpoint, name the delta file to write with --tuning-out")
+    out = Path(args.tuning_out) if args.tuning_out else DEFAULT_EXITS.with_suffix(".tuning.safetensors")
+    check_output(out, "--tuning-out")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it or --tuning-out to write elsewhere")
+    if args.json:
+        check_output(args.json, "--json")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = check_args(args)
+    args.data_texts = [read_text(f) for f in args.data or []]
+    runs = Path("runs")
+    runs.mkdir(exist_ok=True)
+    torch.manual_seed(args.seed)
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device)
+    load_fill(model, "plain")  # exit tuning trains with the plain fill, as the shipped delta was
+    L = model.config.n_layers
+    args.exit_layers = args.exit_layers or [max(1, L - 8), L - 1]
+    if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
+        raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy "
+                        f"1 <= LO <= HI <= {L}")
+    return tune_main(model, tok, args, out, runs)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
+        sys.exit(f"error: {e}")

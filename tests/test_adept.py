@@ -1,4 +1,4 @@
-"""The invariants of ADEPT.md §3, on the tiny model and on the default model.
+"""The invariants of token-level early exit, on the tiny model and on the default model.
 
 1. The `full` policy reproduces the plain full-depth forward.
 2. Prefill with a per-token exit pattern equals decoding the tokens one by one with it.
@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adept import Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate
+from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
+                   router_features)
 from checkpoint import model_id
 from sample import make_policy
 from conftest import reference_forward
 from kv_cache import fill_decoupled, fill_sequential
 from checkpoint import UserError, load_router, save_router
-from train_exits import router_features
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # The default model's logits reach ~20 and pass 30 layers in float32, where a batched matmul and a
@@ -209,9 +209,9 @@ def random_router(model, seed=0):
     return r
 
 
-def test_folded_router_decides_as_the_router_it_was_loaded_from(tiny):
-    """RouterPolicy folds the input standardisation into the first layer and compares the logit with
-    logit(τ) instead of sigmoid(logit) with τ; on random states every decision is the unfolded router's.
+def test_router_policy_decides_as_its_router_says(tiny):
+    """RouterPolicy compares the router's logit with logit(τ) instead of sigmoid(logit) with τ; on
+    random states every decision is sigmoid(router) >= τ.
     τ = 1 never exits and τ = 0 always does (sigmoid in float32 reaches 1.0 at logits above ~17, so
     comparing probabilities would let a very confident token through τ = 1)."""
     model, *_ = tiny

@@ -273,7 +273,7 @@ def test_train_exits_classify_writes_classifiers_that_sample_reads(tiny, tmp_pat
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--tune"], "--classify trains exit classifiers"),
+    (["--eval"], "--classify and --eval are separate runs"),
     (["--held-out", "18"], "has 18 documents; --held-out 18 leaves none to train on"),
 ])
 def test_train_exits_classify_refuses_bad_settings(tiny, tmp_path, monkeypatch, extra, message):
@@ -297,3 +297,19 @@ def test_sample_classify_refuses_bad_settings(tiny, tmp_path, extra, message):
     save_classifier(random_classifier(tiny[0]), path, {"base_model": model_id(tiny[0]), "pooling": POOLING})
     with pytest.raises(UserError, match=message):
         sample.main(["--checkpoint", str(tiny[4]), "--prompt", "x", "--classify", str(path)] + extra)
+
+
+def test_bench_classify_exits_records_accuracy_agreement_and_speed(tiny):
+    from bench import exit_classify_policies, exit_classify_records, run_exit_classify
+    model = tiny[0]
+    clf = random_classifier(model, router=True)
+    docs = [(document(model, seed=s), s % 3) for s in range(4)]
+    pols = exit_classify_policies(clf, model.config.n_layers, quick=True)
+    acc = run_exit_classify(model, clf, docs, pols)
+    records = {(r["policy"], r["setting"]): r for r in exit_classify_records(acc, len(docs), "tiny")}
+    full = records[("full", None)]
+    assert full["agreement"] == 1 and full["mean_decision_layer"] == model.config.n_layers
+    assert records[("document-static", 6)]["mean_decision_layer"] == 6
+    for r in records.values():
+        assert r["n"] == r["timed"] == 4 and 0 <= r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] <= 1
+        assert r["full_accuracy"] == full["accuracy"] and r["speedup"] > 0

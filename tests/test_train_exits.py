@@ -199,9 +199,9 @@ def test_train_exits_cli_reports_bad_input_in_one_line(tiny, tmp_path):
     (["--out", "r.st", "--seed", str(2 ** 70)], "--seed must be in"),
     (["--out", "r.st", "--min-layer", "0"], "--min-layer 0 is out of range"),
     (["--out", "r.st", "--no-router"], "--no-router belongs to --eval"),
-    (["--tune", "--tuning-out", "d.st", "--dtype", "bfloat16"], "exit tuning trains in float32"),
-    (["--out", "r.st", "--calibrate", "--eval"], "--calibrate writes fill statistics only"),
-    (["--out", "r.st", "--target", "prompt", "--eval"], "--target prompt trains a prompt router"),
+    (["--out", "r.st", "--tune"], "exit tuning has its own command: python tune_exits.py"),
+    (["--out", "r.st", "--calibrate", "--eval"], "--eval and --calibrate are separate runs"),
+    (["--out", "r.st", "--target", "prompt", "--eval"], "--eval and --target prompt are separate runs"),
     (["--out", "r.st", "--eval", "--fill", "missing.safetensors"], "fill calibration file missing.safetensors not found"),
 ])
 def test_train_exits_bad_input_fails_before_any_work(tiny, tmp_path, monkeypatch, capsys, args, message):
@@ -233,3 +233,30 @@ def test_cached_generated_text_is_keyed_by_what_determines_it(tiny, tmp_path):
     from conftest import TEXT
     one, two = build_data(model, tok, args([TEXT], 2)), build_data(model, tok, args([TEXT[::-1]], 3))
     assert one["heldout_human"] != two["heldout_human"] and len(two["heldout_human"]) == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tuning-out", "d.st", "--dtype", "bfloat16"], "exit tuning trains in float32"),
+    (["--tuning-out", "d.st", "--rank", "0"], "--rank must be >= 1"),
+    (["--tuning-out", "d.st", "--exit-rate", "2"], "--exit-rate must be in [0, 1]"),
+    (["--tuning-out", "no/such/dir/d.st"], "the folder no/such/dir does not exist"),
+    ([], "with --checkpoint, name the delta file to write with --tuning-out"),
+])
+def test_tune_exits_bad_input_fails_before_any_work(tiny, tmp_path, monkeypatch, args, message):
+    from tune_exits import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CLI_ERRORS, match=re.escape(message)):
+        main(["--checkpoint", str(tiny[4]), *args])
+    assert not list(tmp_path.glob("runs/generated-*"))
+
+
+def test_tune_exits_cli_reports_bad_input_in_one_line(tiny, tmp_path):
+    """The one subprocess test of tune_exits.py: a refusal is one 'error:' line on stderr, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "tune_exits.py"), "--checkpoint",
+           str(tiny[4]), "--tuning-out", "d.st", "--rank", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0] == "error: --rank must be >= 1, got 0", r.stderr

@@ -1,4 +1,4 @@
-"""Exit tuning: low-rank deltas trained through the ADEPT path (tune_exits.py, run as train_exits.py --tune)."""
+"""Exit tuning: low-rank deltas trained through the ADEPT path (tune_exits.py)."""
 import argparse
 
 import pytest
@@ -8,7 +8,8 @@ from adept import Router
 from checkpoint import model_id
 from checkpoint import load
 from checkpoint import UserError, load_router, save_router
-from tune_exits import add_deltas, load_tuning, merge_deltas, save_tuning, tune, tuning_loss
+from checkpoint import load_tuning, save_tuning
+from tune_exits import add_deltas, merge_deltas, tune, tuning_loss
 
 
 def tiny_model(tiny):
@@ -137,18 +138,20 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
 
 
 def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path, monkeypatch):
-    """--tune writes a delta; a router trained with --tuning is measured against the base model's full depth."""
+    """tune_exits.py writes a delta; a router trained with --tuning is measured against the base model's full depth."""
     import json
     import bench
     import train_exits
+    import tune_exits
     from conftest import TEXT
     monkeypatch.chdir(tmp_path)  # both commands run in-process; their one-line error wrappers have their own tests
     (tmp_path / "text.txt").write_text(TEXT)
-    cmd = ["--checkpoint", str(tiny[4]), "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12", "--gen-tokens", "12",
-           "--gen-seeds", "1", "--min-layer", "2"]
+    cmd = ["--checkpoint", str(tiny[4]), "--data", str(tmp_path / "text.txt"), "--max-new-tokens", "12",
+           "--min-layer", "2"]
     run = lambda *extra: train_exits.main(cmd + list(extra))
-    run("--tune", "--tuning-out", "d.safetensors", "--tune-steps", "4", "--tune-len", "32", "--eval-every", "2",
-        "--json", "tune.json")
+    tune_exits.main(["--checkpoint", str(tiny[4]), "--data", str(tmp_path / "text.txt"), "--gen-tokens", "12",
+                     "--gen-seeds", "1", "--tuning-out", "d.safetensors", "--tune-steps", "4", "--tune-len", "32",
+                     "--eval-every", "2", "--json", "tune.json"])
     curve = json.loads((tmp_path / "tune.json").read_text())["learning_curve"]
     assert [p["step"] for p in curve] == [0, 2, 4] and curve[0]["final"] == 1.0  # step 0 is the base model itself
     stored = json.loads((tmp_path / "tune.json").read_text())["stored_bf16"]
