@@ -426,7 +426,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens):
     for name, x, ok, need in (
-            ("temperature", temperature, 0 <= temperature < math.inf, "finite, >= 0 (0: greedy)"),
+            ("temperature", temperature, 0 <= temperature < math.inf,
+             "a finite number >= 0 (0 = greedy)"),
             ("top_k", top_k, top_k is None or top_k >= 1, ">= 1"),
             ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from adept import ExitClassifier, Router
 from model import Config, Transformer
 
 
@@ -457,7 +458,6 @@ def save_classifier(classifier, path, meta):
 
 def load_classifier(path, model):
     """Exit classifiers from train_exits.py --classify, refusing a file for other weights or a damaged one."""
-    from adept import ExitClassifier, Router
     fix = "train one for this model with train_exits.py --classify DIR"
     meta, tensors = read_artifact(path, "classifier", fix, model)
     try:
@@ -495,7 +495,6 @@ def save_router(router, path, meta):
 
 def load_router(path, model):
     """Load a router file, refusing one trained for other weights or with other features."""
-    from adept import Router
     meta, tensors = read_artifact(path, "router", "train one for this model with train_exits.py or pass --exits PATH",
                                   model)
     if meta.get("features") != Router.FEATURES:

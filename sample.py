@@ -4,14 +4,13 @@ Each generated token is shown with the depth at which it exited (coloured on a
 terminal, `text[depth]` otherwise), then a summary of layers used and speed.
 """
 import argparse
-import math
 import sys
 import time
 
 import torch
 
 from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static, Stats,
-                   classify, generate)
+                   check_sampling, classify, generate)
 from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier, load_fill,
                         load_router, load_tuning)
 from convert import default_checkpoint
@@ -98,14 +97,13 @@ def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, ex
 
 
 def check_sampling_flags(args):
-    top_p = 1.0 if args.top_p is None else args.top_p
-    for flag, x, ok, need in (
-            ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "a finite number >= 0 (0 = greedy)"),
-            ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
-            ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1")):
-        if not ok:
-            raise UserError(f"{flag} must be {need}, got {x}")
+    """generate's own check of the sampling settings, its argument names said as flags."""
+    try:
+        check_sampling(args.temperature, args.top_k, 1.0 if args.top_p is None else args.top_p,
+                       args.max_new_tokens)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def printer(tok, n_layers, show_depth, use_colour):
