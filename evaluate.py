@@ -1,10 +1,6 @@
 """The measuring stick: teacher-forced evaluation through the real ADEPT path, one record
-schema for every figure (README: docs/RESULTS.md), 95% Wilson intervals, tables.
+schema for every figure (its fields: docs/RESULTS.md), 95% Wilson intervals, tables.
 Used by train_exits.py (--eval, and after training) and bench.py.
-
-A record: policy, setting, scenario, model, reference, n, mean_exit_layer, compute_saved,
-ideal_speedup, agreement with its 95% interval, and what else the scenario measured
-(kl, ppl, full_ppl, tokens_per_s, speedup, ...).
 """
 import math
 import os
@@ -44,11 +40,9 @@ def full_reference(model, seqs):
 
 @torch.no_grad()
 def evaluate(model, seqs, policy, ref):
-    """Teacher-forced through the real ADEPT path, prompt included (as in generation).
-
-    Returns (n, n_agree, stats, measured): n scored tokens, how many have the reference's argmax,
-    the cost counters, and the mean KL(reference ‖ policy) and the policy's perplexity of the text.
-    """
+    """Teacher-forced through the real ADEPT path, prompt included (as in generation): n scored
+    tokens, how many have the reference's argmax, the cost counters, and {"kl": the mean
+    KL(reference ‖ policy), "ppl": the policy's perplexity of the text}."""
     stats, n, n_agree, kl, nll = Stats(), 0, 0, 0.0, 0.0
     for (ids, start), r in zip(seqs, ref):
         cache = model.new_cache(1, len(ids))
@@ -81,15 +75,14 @@ def sweep(model, router, seqs, scenario, gates=GATES, base=None):
             "entropy": lambda s: Confidence(s, entropy=True, vocab_size=model.config.vocab_size),
             "router": lambda s: RouterPolicy(router, s)}  # with the router file's minimum exit layer
     ref, rows, which = full_reference(base or model, seqs), [], "tuned" if base else "base"
-    if base:
-        n, k, stats, m = evaluate(base, seqs, FullDepth(), ref)
-        rows.append(record("full", None, scenario, n, k, stats, **m, full_ppl=m["ppl"]))
-    for name, values in settings.items():
-        for s in values:
-            n, k, stats, m = evaluate(model, seqs, make[name](s), ref)
-            rows.append(record(name, s, scenario, n, k, stats, which, "base", **m, full_ppl=rows[0]["ppl"] if rows else m["ppl"]))
-            print(f"\r  {scenario} {name} {s}: agreement {k / n:.1%}, saved {stats.saved:.1%}   ",
-                  end="", file=sys.stderr, flush=True)
+    runs = [(base, "base", "full", None)] if base else []  # base's own full depth comes first
+    runs += [(model, which, name, s) for name, values in settings.items() for s in values]
+    for net, who, name, s in runs:
+        n, k, stats, m = evaluate(net, seqs, make[name](s), ref)
+        full_ppl = rows[0]["ppl"] if rows else m["ppl"]
+        rows.append(record(name, s, scenario, n, k, stats, who, "base", **m, full_ppl=full_ppl))
+        print(f"\r  {scenario} {name} {s}: agreement {k / n:.1%}, saved {stats.saved:.1%}   ",
+              end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return rows
 

@@ -2,6 +2,7 @@
 
 Each generated token is shown with the depth at which it exited (coloured on a
 terminal, `text[depth]` otherwise), then a summary of layers used and speed.
+With --classify FILE the prompt is read as a document and labelled by exit classifiers.
 """
 import argparse
 import sys
@@ -9,48 +10,50 @@ import time
 
 import torch
 
-from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static, Stats,
-                   check_sampling, classify, generate)
-from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier, load_fill,
-                        load_router, load_tuning)
+from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static,
+                   Stats, check_sampling, classify, generate)
+from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier,
+                        load_fill, load_router, load_tuning)
 from convert import default_checkpoint
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="the text to continue (or the user message, with --chat)")
-    p.add_argument("--checkpoint", help="a Hugging Face-layout LLaMA directory (default: SmolLM2-135M-Instruct)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prompt", required=True, help="text to continue (the user turn, with --chat)")
+    p.add_argument("--checkpoint", help="a Hugging Face LLaMA directory (default: SmolLM2-135M)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature > 0)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (temperature > 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, help="use the model's chat template (default: if it has one)")
-    p.add_argument("--policy", help=f"exit policy, NAME or NAME:VALUE: {', '.join(POLICIES)}, e.g. router:0.43, "
-                   "static:24, confidence:0.9 (default: router if one exists for the model, else full)")
-    p.add_argument("--tuning", help="merge this exit-tuning delta (tune_exits.py) into the model; use a router "
-                   "trained for it")
-    p.add_argument("--exits", help=f"router file from train_exits.py (default: {DEFAULT_EXITS.relative_to(DEFAULT_EXITS.parent.parent)})")
-    p.add_argument("--threshold", type=float, default=None, help="exit threshold of router/confidence/entropy (default: the policy's own)")
-    p.add_argument("--min-layer", type=int, default=None, help="no token exits before this layer (default: 1, or the router file's)")
-    p.add_argument("--exit-layer", type=int, default=None, help="the layer of the static policy (default 24)")
-    p.add_argument("--prompt-exit-layer", type=int, help="prompt tokens before the last exit at this layer (default: by --policy)")
-    p.add_argument("--prompt-exits", help="a router for prompt tokens (train_exits.py --target prompt) instead")
-    p.add_argument("--fill", help=f"fill calibration from train_exits.py --calibrate, or 'plain' (default: {DEFAULT_FILL.name})")
-    p.add_argument("--compare", action="store_true", help="also run the full model and compare speed and tokens")
-    p.add_argument("--classify", metavar="FILE", help="classify the prompt with these exit classifiers "
-                   "(train_exits.py --classify) instead of generating; --policy confidence (the file's gate), "
-                   "router, static or full")
-    p.add_argument("--no-color", action="store_true", help="plain text with [depth] after each token")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                   help="use the model's chat template (default: if it has one)")
+    p.add_argument("--policy", help=f"exit policy, NAME or NAME:VALUE: {', '.join(POLICIES)};\n"
+                   "e.g. router:0.43, static:24, confidence:0.9 (default: router if there is\n"
+                   "one for the model, else full; with --classify, the file's confidence gate)")
+    p.add_argument("--tuning", help="merge this delta (tune_exits.py); use a router made for it")
+    p.add_argument("--exits", help=f"router file (default: exits/{DEFAULT_EXITS.name})")
+    p.add_argument("--threshold", type=float, help="router/confidence/entropy threshold")
+    p.add_argument("--min-layer", type=int, help="no exit before this layer")
+    p.add_argument("--exit-layer", type=int, help="the layer of --policy static (default 24)")
+    p.add_argument("--prompt-exit-layer", type=int, help="prompt tokens before the last exit here")
+    p.add_argument("--prompt-exits", help="or a prompt router (train_exits.py --target prompt)")
+    p.add_argument("--fill", help=f"fill calibration, or 'plain' (default: {DEFAULT_FILL.name})")
+    p.add_argument("--compare", action="store_true", help="then full depth: speed and tokens")
+    p.add_argument("--classify", metavar="FILE", help="label the prompt with these classifiers")
+    p.add_argument("--no-color", action="store_true", help="text[depth] instead of colours")
     return p.parse_args(argv)
 
 
-# Each policy of the command line, with the settings it uses.
 # Each policy of the command line, with the settings it uses. `--policy NAME:VALUE` gives its
 # setting in one word: router:0.43 and confidence:0.9 (a threshold), static:24 (the exit layer).
 POLICIES = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
             "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}
+# The policies of a whole document (--classify): its gates read the exit classifiers' heads.
+DOCUMENT_POLICIES = {"confidence": ("threshold",), "router": ("threshold",),
+                     "static": ("exit_layer",), "full": ()}
 
 
 def parse_policy(spec, threshold=None, exit_layer=None):
@@ -60,45 +63,81 @@ def parse_policy(spec, threshold=None, exit_layer=None):
         return name, threshold, exit_layer
     what = "exit_layer" if name == "static" else "threshold"
     if (exit_layer if what == "exit_layer" else threshold) is not None:
-        raise UserError(f"--policy {spec} gives the {what.replace('_', ' ')} already; drop --{what.replace('_', '-')}")
+        raise UserError(f"--policy {spec} gives the {what.replace('_', ' ')} already; "
+                        f"drop --{what.replace('_', '-')}")
     try:
         x = int(value) if what == "exit_layer" else float(value)
     except ValueError:
-        raise UserError(f"--policy {spec}: {value!r} is not a {'layer' if what == 'exit_layer' else 'number'}") from None
+        kind = "layer" if what == "exit_layer" else "number"
+        raise UserError(f"--policy {spec}: {value!r} is not a {kind}") from None
     return (name, None, x) if what == "exit_layer" else (name, x, None)
 
 
-def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None):
+def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None,
+                classifier=None):
     """Build a policy from command-line settings (`name` may be NAME:VALUE); None = the policy's
-    default. A setting the chosen policy does not use is an error, not silently ignored."""
+    default. With exit classifiers, a policy of whole documents. A setting the chosen policy
+    does not use is an error, not silently ignored."""
     name, threshold, exit_layer = parse_policy(name, threshold, exit_layer)
-    if name not in POLICIES:
-        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    settings = {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer, "exits": exits}
+    table = POLICIES if classifier is None else DOCUMENT_POLICIES
+    if name not in table:
+        raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}"
+                        if classifier is None else f"--policy {name} does not classify; "
+                        f"choose {', '.join(DOCUMENT_POLICIES)}")
+    settings = {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer,
+                "exits": exits}
     for flag, value in settings.items():
-        if value is not None and flag not in POLICIES[name]:
-            raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; drop it"
-                            f"{' (static exits every token at --exit-layer)' if name == 'static' else ''}")
+        if value is not None and flag not in table[name]:
+            why = " (static exits every token at --exit-layer)" if name == "static" else ""
+            raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; "
+                            f"drop it{why}")
     L = model.config.n_layers
     if min_layer is not None and not 1 <= min_layer <= L:
         raise UserError(f"--min-layer {min_layer} is out of range; it must be in [1, {L}]")
     try:
-        if name == "router":
-            return RouterPolicy(load_router(exits or DEFAULT_EXITS, model), threshold, min_layer)
         if name == "full":
             return FullDepth()
         if name == "static":
-            return Static(min(24, L) if exit_layer is None else exit_layer, L)
+            default = min(24, L) if classifier is None else L // 5
+            return Static(default if exit_layer is None else exit_layer, L)
+        if classifier is not None:
+            return document_gate(name, classifier, threshold)
+        if name == "router":
+            return RouterPolicy(load_router(exits or DEFAULT_EXITS, model), threshold, min_layer)
         default = 0.9 if name == "confidence" else 0.5
-        return Confidence(default if threshold is None else threshold, min_layer or 1, name == "entropy",
-                          model.config.vocab_size)
+        return Confidence(default if threshold is None else threshold, min_layer or 1,
+                          name == "entropy", model.config.vocab_size)
     except ValueError as e:  # a setting out of range, named by the policy
         raise UserError(f"--policy {name}: {e}") from None
 
 
-def check_sampling_flags(args):
-    """generate's own check of the sampling settings, its argument names said as flags."""
+def document_gate(name, classifier, threshold):
+    """A document stops where the classifier file's confidence gate or its router says so."""
+    if name == "confidence":
+        tau = float(classifier.meta.get("policy", "confidence:0.99").split(":")[1])
+        return DocumentExit(classifier, MaxProb(tau if threshold is None else threshold))
+    if classifier.router is None:
+        raise UserError("these exit classifiers hold no router; choose --policy confidence")
+    return DocumentExit(classifier, RouterGate(classifier.router,
+                                               0.5 if threshold is None else threshold))
+
+
+def check_args(args):
+    """The prompt and the sampling flags, checked before the model loads."""
+    if args.prompt.strip() == "":
+        raise UserError("the prompt is empty; give some text with --prompt")
     try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
+        raise UserError("the prompt is not valid UTF-8; check your terminal's encoding") from None
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UserError("--top-k and --top-p do nothing with greedy decoding; "
+                        "add --temperature > 0 or drop them")
+    if args.compare and args.max_new_tokens < 2:
+        raise UserError("--compare measures decode speed, which needs --max-new-tokens >= 2")
+    if not 0 <= args.seed < 2 ** 64:
+        raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
+    try:  # generate's own check of the sampling settings, its argument names said as flags
         check_sampling(args.temperature, args.top_k, 1.0 if args.top_p is None else args.top_p,
                        args.max_new_tokens)
     except ValueError as e:
@@ -107,8 +146,9 @@ def check_sampling_flags(args):
 
 
 def printer(tok, n_layers, show_depth, use_colour):
-    """on_token for generate: streams the decoded text, holding back incomplete UTF-8 sequences, each piece
-    marked with its token's exit depth (a background from green, shallow, to red, full depth; or text[depth])."""
+    """on_token for generate: streams the decoded text, holding back incomplete UTF-8 sequences,
+    each piece marked with its token's exit depth (a background from green, shallow, to red,
+    full depth; or text[depth])."""
     ids, printed = [], 0
 
     def on_token(token, depth):
@@ -122,7 +162,8 @@ def printer(tok, n_layers, show_depth, use_colour):
         piece, printed = text[printed:], len(text)
         if show_depth and use_colour:
             x = (depth - 1) / max(n_layers - 1, 1)
-            piece = f"\033[48;5;{16 + 36 * round(5 * x) + 6 * round(5 * (1 - x))}m\033[38;5;16m{piece}\033[0m"
+            colour = 16 + 36 * round(5 * x) + 6 * round(5 * (1 - x))
+            piece = f"\033[48;5;{colour}m\033[38;5;16m{piece}\033[0m"
         elif show_depth:
             piece = f"{piece}[{depth}]"
         print(piece, end="", flush=True)
@@ -131,105 +172,92 @@ def printer(tok, n_layers, show_depth, use_colour):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.prompt.strip() == "":
-        raise UserError("the prompt is empty; give some text with --prompt")
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8
-        raise UserError("the prompt is not valid UTF-8 text; check your terminal's encoding") from None
-    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        raise UserError("--top-k and --top-p do nothing with greedy decoding; add --temperature > 0 or drop them")
-    if args.compare and args.max_new_tokens < 2:
-        raise UserError("--compare measures decode speed, which needs --max-new-tokens >= 2")
-    if not 0 <= args.seed < 2 ** 64:
-        raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
-    check_sampling_flags(args)
+    check_args(args)
     torch.manual_seed(args.seed)
-    if args.classify:
-        return classify_main(args)
-    ckpt = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()
-    model, tok = load(ckpt, args.device, DTYPES[args.dtype])
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
+    if args.classify:
+        return classify_main(args, model, tok, t0)
     if args.tuning:
         load_tuning(model, args.tuning)
     L = model.config.n_layers
-    default_router = args.exits or (args.checkpoint is None and args.tuning is None and DEFAULT_EXITS.is_file())
-    policy_name = args.policy or ("router" if default_router else "full")
-    policy = make_policy(policy_name, model, args.threshold, args.min_layer, args.exit_layer, args.exits)
+    shipped = args.checkpoint is None and args.tuning is None and DEFAULT_EXITS.is_file()
+    policy_name = args.policy or ("router" if args.exits or shipped else "full")
+    policy = make_policy(policy_name, model, args.threshold, args.min_layer, args.exit_layer,
+                         args.exits)
     if args.prompt_exit_layer is not None and args.prompt_exits:
-        raise UserError("--prompt-exit-layer and --prompt-exits are two prompt policies; choose one")
-    prompt_policy = (make_policy("static", model, exit_layer=args.prompt_exit_layer) if args.prompt_exit_layer is not None else
-                     make_policy("router", model, exits=args.prompt_exits) if args.prompt_exits else None)
+        raise UserError("--prompt-exit-layer and --prompt-exits: two prompt policies; choose one")
+    prompt_policy = None
+    if args.prompt_exit_layer is not None:
+        prompt_policy = make_policy("static", model, exit_layer=args.prompt_exit_layer)
+    elif args.prompt_exits:
+        prompt_policy = make_policy("router", model, exits=args.prompt_exits)
     load_fill(model, args.fill)
     ids = tok.prompt(args.prompt, args.chat)
-    print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in {time.perf_counter() - t0:.1f}s; "
-          f"policy {policy_name}; {len(ids)} prompt tokens]", file=sys.stderr)
+    print(f"[{model.name}: {L} layers, {args.dtype} on {args.device}, loaded in "
+          f"{time.perf_counter() - t0:.1f}s; policy {policy_name}; {len(ids)} prompt tokens]",
+          file=sys.stderr)
     show_depth = policy_name != "full"
     on_token = printer(tok, L, show_depth, sys.stdout.isatty() and not args.no_color)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p,
-              seed=args.seed, eos_ids=tok.eos_ids, prompt_policy=prompt_policy)
-    g = generate(model, ids, args.max_new_tokens, policy, on_token=on_token, **kw)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, eos_ids=tok.eos_ids,
+              top_p=1.0 if args.top_p is None else args.top_p)
+    g = generate(model, ids, args.max_new_tokens, policy, on_token=on_token,
+                 prompt_policy=prompt_policy, **kw)
     print()
-    tps = lambda g: max(len(g.tokens) - 1, 0) / g.decode_s if g.decode_s > 0 else float("nan")  # the first token is prefill's
-    line = f"{len(g.tokens)} tokens, {tps(g):.1f} tokens/s decode, prefill {len(ids)} tokens in {g.prefill_s:.2f}s"
+    line = (f"{len(g.tokens)} tokens, {tokens_per_s(g):.1f} tokens/s decode, prefill {len(ids)} "
+            f"tokens in {g.prefill_s:.2f}s")
     if show_depth:
-        line += (f"; mean layers/token: prefill {g.prefill.mean_exit_layer:.1f}, decode {g.decode.mean_exit_layer:.1f} of {L}; "
-                 f"compute saved (est.): prefill {g.prefill.saved:.0%}, decode {g.decode.saved:.0%}")
+        line += (f"; mean layers/token: prefill {g.prefill.mean_exit_layer:.1f}, decode "
+                 f"{g.decode.mean_exit_layer:.1f} of {L}; compute saved (est.): prefill "
+                 f"{g.prefill.saved:.0%}, decode {g.decode.saved:.0%}")
     print(line, file=sys.stderr)
     if args.compare:
-        f = generate(model, ids, args.max_new_tokens, FullDepth(), **kw | {"prompt_policy": None})
-        same = sum(a == b for a, b in zip(g.tokens, f.tokens))
-        prefix = next((j for j, (a, b) in enumerate(zip(g.tokens, f.tokens)) if a != b), min(len(g.tokens), len(f.tokens)))
-        print(f"full: {tps(f):.1f} tokens/s decode; speed ratio {tps(g) / tps(f):.2f}x (ideal from the counters "
-              f"{g.decode.ideal_speedup:.2f}x); {same}/{len(f.tokens)} tokens agree position by position, first {prefix} identical",
-              file=sys.stderr)
-        print(f"full model's text: {tok.decode(f.tokens)!r}", file=sys.stderr)
+        compare(g, generate(model, ids, args.max_new_tokens, FullDepth(), **kw), tok)
 
 
-def document_policy(args, clf, L):
-    """The policy of a document: the classifier file's confidence gate, its router, static or full."""
-    name, threshold, exit_layer = parse_policy(args.policy or "confidence", args.threshold, args.exit_layer)
-    if name not in ("confidence", "router", "static", "full"):
-        raise UserError(f"--policy {name} does not classify; choose confidence, router, static or full")
-    if threshold is not None and name not in ("confidence", "router"):
-        raise UserError(f"--threshold does nothing with --policy {name}; drop it")
-    if exit_layer is not None and name != "static":
-        raise UserError("--exit-layer belongs to --policy static; add it or drop --exit-layer")
-    if name == "full":
-        return name, FullDepth()
-    if name == "static":
-        return name, Static(exit_layer or L // 5, L)
-    if name == "router":
-        if clf.router is None:
-            raise UserError(f"{args.classify} holds no router; choose --policy confidence")
-        return name, DocumentExit(clf, RouterGate(clf.router, 0.5 if threshold is None else threshold))
-    tau = float(clf.meta.get("policy", "confidence:0.99").split(":")[1]) if threshold is None else threshold
-    return name, DocumentExit(clf, MaxProb(tau))
+def tokens_per_s(g):
+    """Decode speed; the first token is prefill's."""
+    return max(len(g.tokens) - 1, 0) / g.decode_s if g.decode_s > 0 else float("nan")
 
 
-def classify_main(args):
+def compare(g, f, tok):
+    """--compare: ADEPT's generation g beside full depth's f."""
+    same = sum(a == b for a, b in zip(g.tokens, f.tokens))
+    prefix = next((j for j, (a, b) in enumerate(zip(g.tokens, f.tokens)) if a != b),
+                  min(len(g.tokens), len(f.tokens)))
+    print(f"full: {tokens_per_s(f):.1f} tokens/s decode; speed ratio "
+          f"{tokens_per_s(g) / tokens_per_s(f):.2f}x (ideal from the counters "
+          f"{g.decode.ideal_speedup:.2f}x); {same}/{len(f.tokens)} tokens agree position by "
+          f"position, first {prefix} identical", file=sys.stderr)
+    print(f"full model's text: {tok.decode(f.tokens)!r}", file=sys.stderr)
+
+
+def classify_main(args, model, tok, t0):
     """--classify: the prompt's label, its probability, the layer it was read at and the time."""
-    t0 = time.perf_counter()
-    model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     clf = load_classifier(args.classify, model)
     load_fill(model, args.fill)
     L = model.config.n_layers
-    name, policy = document_policy(args, clf, L)
-    ids = torch.tensor(tok.encode(args.prompt)[:int(clf.meta.get("tokens", 256))], device=model.tok_emb.device)
-    print(f"[{model.name}: {L} layers, loaded in {time.perf_counter() - t0:.1f}s; policy {name}; "
-          f"{len(ids)} tokens read]", file=sys.stderr)
-    classify(model, clf, ids[:8], FullDepth(), Stats())  # warm-up: the first call pays for allocations
+    name = args.policy or "confidence"
+    policy = make_policy(name, model, args.threshold, args.min_layer, args.exit_layer,
+                         args.exits, classifier=clf)
+    ids = tok.encode(args.prompt)[:int(clf.meta.get("tokens", 256))]
+    ids = torch.tensor(ids, device=model.tok_emb.device)
+    print(f"[{model.name}: {L} layers, loaded in {time.perf_counter() - t0:.1f}s; policy "
+          f"{name}; {len(ids)} tokens read]", file=sys.stderr)
+    classify(model, clf, ids[:8], FullDepth(), Stats())  # warm-up: the first call allocates
     runs = {}
     for key, pol in [("adept", policy)] + ([("full", FullDepth())] if args.compare else []):
         stats, t0 = Stats(), time.perf_counter()
         p, d = classify(model, clf, ids, pol, stats)
         runs[key] = (p, d, stats, time.perf_counter() - t0)
     p, d, stats, s = runs["adept"]
-    print(f"{clf.labels[int(p.argmax())]} (p = {float(p.max()):.3f}), read at layer {d} of {L} in {s * 1000:.0f} ms")
+    print(f"{clf.labels[int(p.argmax())]} (p = {float(p.max()):.3f}), read at layer {d} of {L} "
+          f"in {s * 1000:.0f} ms")
     if args.compare:
         fp, _, _, fs = runs["full"]
-        print(f"full depth: {clf.labels[int(fp.argmax())]} (p = {float(fp.max()):.3f}) in {fs * 1000:.0f} ms; "
-              f"speed ratio {fs / s:.2f}x (ideal from the counters {stats.ideal_speedup:.2f}x)")
+        print(f"full depth: {clf.labels[int(fp.argmax())]} (p = {float(fp.max()):.3f}) in "
+              f"{fs * 1000:.0f} ms; speed ratio {fs / s:.2f}x (ideal from the counters "
+              f"{stats.ideal_speedup:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -63,10 +63,8 @@ def build_data(model, tok, args):
     human_heldout, human_train = human[:k_hum], human[k_hum:][:args.human_chunks]
     data = {"train": gen[k_gen:] + human_train, "heldout_generated": gen[:k_gen],
             "heldout_human": human_heldout[:args.eval_chunks]}
-    for k, what in (("heldout_generated", "generated text"), ("heldout_human", "human text")):
-        if not data[k]:
-            raise UserError(f"no held-out {what} to evaluate on: "
-                            f"{'give more text with --data' if args.data else 'generate longer texts'}")
+    if not data["heldout_human"]:  # the built-in prompts and docstrings always leave some
+        raise UserError("no held-out human text to evaluate on: give more text with --data")
     n = {k: sum(len(ids) - s for ids, s in seqs) for k, seqs in data.items()}
     print(f"data: {n['train']} training (and validation) tokens, {n['heldout_generated']} held-out generated, "
           f"{n['heldout_human']} held-out human", file=sys.stderr)
@@ -137,8 +135,9 @@ def prompt_targets(model, seqs):
 
 
 def train(router, feats, labels, epochs, lr=3e-3, batch=512, seed=0, ckpt=None, stop_after=None, progress=True, recipe=None):
-    """BCE on the soft labels, all layers' routers at once. Resumes from `ckpt` if it exists and was made with
-    the same `recipe` (data.resume); returns epoch losses."""
+    """BCE on the soft labels, all layers' routers at once, the features standardised here.
+    Resumes from `ckpt` if made with the same `recipe` (data.resume); returns epoch losses."""
+    router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     start, losses = 0, []
     if state := resume(ckpt, recipe):
@@ -188,8 +187,7 @@ def pick_threshold(model, router, min_layer, seqs, target, base=None):
 
 @torch.inference_mode()
 def document_features(model, tok, docs, n_tokens, ckpt=None, recipe=None):
-    """Pooled features [L, N, D] of every layer for each document's first n_tokens, from one
-    full-depth pass each (model.forward with its hidden states); resumable from `ckpt`."""
+    """Pooled features [L, N, D] of every layer for each document's first n_tokens; resumable."""
     from tqdm import tqdm
     state = resume(ckpt, recipe) or {"feats": {}, "recipe": recipe}
     for j, (name, text, _) in enumerate(tqdm(docs, desc="features", leave=False)):
@@ -271,19 +269,16 @@ def train_classify(model, tok, args, out, runs):
             "router_threshold": 0.5, "seed": args.seed, "held_out": args.held_out, "documents": len(docs),
             "read": notes, "held_out_fingerprint": split_fingerprint(held),
             "lam": args.lam, "beta": args.beta}
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_classifier(clf, out, meta)
     print(f"wrote {out} ({time.time() - t0:.0f}s)", file=sys.stderr)
 
 
 def train_gate_router(model, clf, feats, probs, args):
-    """The learned gate: a Router on (pooled features | head probabilities), trained with the
-    preference reward where T(i) = 1 if layer i's head gives the label full depth's head gives."""
+    """The learned gate: a Router on (pooled features | head probabilities); T as at the top."""
     c, C = model.config, len(clf.labels)
     x = torch.cat((feats, probs), -1)[:-1]  # [L-1, N, D + C]: the state at each layer a gate is asked
     T = (probs.argmax(-1) == probs[-1].argmax(-1)).float()
     router = Router(c, args.hidden, n_features=c.dim + C)
-    router.mu[:-1], router.sd[:-1] = x.mean(1), x.std(1) + 1e-6
     train(router, x, preference_labels(T, args.lam, args.beta), args.epochs, seed=args.seed, batch=128,
           progress=False)
     return router
@@ -338,16 +333,13 @@ def check_args(args):
     """Everything the user gave, checked before the minutes of work start; returns the file to write."""
     if args.tune:
         raise UserError("exit tuning has its own command: python tune_exits.py, with the same flags but --tune")
-    for what, ok, need in [("--lam", 0 < args.lam < math.inf, "> 0"), ("--beta", 0 < args.beta < math.inf, "> 0"),
-                           ("--epochs", args.epochs >= 1, ">= 1"), ("--hidden", args.hidden >= 1, ">= 1"),
-                           ("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"),
-                           ("--max-new-tokens", args.max_new_tokens >= 8, ">= 8"),
-                           ("--human-chunks", args.human_chunks >= 0, ">= 0"),
-                           ("--eval-chunks", args.eval_chunks >= 1, ">= 1"),
-                           ("--target-agreement", 0 < args.target_agreement <= 1, "in (0, 1]"),
-                           ("--tokens", args.tokens >= 1, ">= 1"), ("--held-out", args.held_out >= 1, ">= 1")]:
-        if not ok:
-            raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    check_ranges([
+        ("--lam", args.lam, "> 0"), ("--beta", args.beta, "> 0"), ("--hidden", args.hidden, ">= 1"),
+        ("--epochs", args.epochs, ">= 1"), ("--seed", args.seed, "in [0, 2**32)"),
+        ("--max-new-tokens", args.max_new_tokens, ">= 8"), ("--tokens", args.tokens, ">= 1"),
+        ("--human-chunks", args.human_chunks, ">= 0"), ("--eval-chunks", args.eval_chunks, ">= 1"),
+        ("--target-agreement", args.target_agreement, "in (0, 1]"),
+        ("--held-out", args.held_out, ">= 1")])
     modes = [m for m, on in (("--classify", args.classify), ("--eval", args.eval), ("--calibrate", args.calibrate),
                              ("--target prompt", args.target == "prompt")) if on]
     if len(modes) > 1:
@@ -360,23 +352,42 @@ def check_args(args):
         raise UserError("a router for a tuned model is another router: name it with --out")
     suffix = ".classify.safetensors" if args.classify else ".prompt.safetensors" if args.target == "prompt" else None
     out = Path(args.out) if args.out else DEFAULT_EXITS.with_suffix(suffix) if suffix else DEFAULT_EXITS
-    written = out.with_suffix(".fill.safetensors") if args.calibrate else out
-    if not args.eval:
-        check_output(written, "--out")
-        if written.exists() and not args.force:
-            raise UserError(f"{written} exists; pass --force to overwrite it or --out to write elsewhere")
+    return out, (out.with_suffix(".fill.safetensors") if args.calibrate else out)
+
+
+# What the ranges in flags' errors mean ("> 0" is finite too; NaN is in none)
+RANGES = {"> 0": lambda x: 0 < x < math.inf, ">= 0": lambda x: x >= 0, ">= 1": lambda x: x >= 1,
+          ">= 2": lambda x: x >= 2, ">= 8": lambda x: x >= 8, "in (0, 1]": lambda x: 0 < x <= 1,
+          "in [0, 1]": lambda x: 0 <= x <= 1, "in [0, 2**32)": lambda x: 0 <= x < 2 ** 32}
+
+
+def check_ranges(checks):
+    """Refuse a number outside its flag's range: checks are (flag, value, one of RANGES)."""
+    for flag, x, need in checks:
+        if not RANGES[need](x):
+            raise UserError(f"{flag} must be {need}, got {x}")
+
+
+def prepare(args, out, flag):
+    """What this command and tune_exits.py do before the minutes of work: refuse an output file that
+    could not be written, or exists without --force; read --data; make runs/ (resume state)."""
+    if out:
+        check_output(out, flag)
+    if out and out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it or {flag} to write elsewhere")
     if args.json:
         check_output(args.json, "--json")
-    return out, written
+    args.data_texts = [read_text(f) for f in args.data or []]
+    torch.manual_seed(args.seed)
+    runs = Path("runs")
+    runs.mkdir(exist_ok=True)
+    return runs
 
 
 def main(argv=None):
     args = parse_args(argv)
     out, written = check_args(args)
-    args.data_texts = [read_text(f) for f in args.data or []]
-    runs = Path("runs")
-    runs.mkdir(exist_ok=True)
-    torch.manual_seed(args.seed)
+    runs = prepare(args, None if args.eval else written, "--out")
     model, tok = load(args.checkpoint or default_checkpoint(), args.device, DTYPES[args.dtype])
     if args.tuning:
         load_tuning(model, args.tuning)
@@ -414,8 +425,7 @@ def calibrate(model, seqs, written, t0):
 
 
 def train_router(model, seqs, args, out, runs, base, t0):
-    """Targets from one full-depth pass, the router trained on their preference labels (resumable),
-    its threshold picked on validation sequences, and the file written atomically."""
+    """The router trained on its targets' preference labels; its threshold picked on validation."""
     n_val = max(1, len(seqs) // 10)  # validation sequences (for the threshold), not trained on
     val, train_seqs = seqs[:n_val], seqs[n_val:]
     # Prompts are trained on too: in prefill the router decides for every prompt token (chat
@@ -427,14 +437,12 @@ def train_router(model, seqs, args, out, runs, base, t0):
           f"mean T by layer: {' '.join(f'{a:.2f}' for a in T.mean(1)[::3].tolist())}", file=sys.stderr)
     torch.manual_seed(args.seed)
     router = Router(model.config, args.hidden)
-    router.mu[:-1], router.sd[:-1] = feats.mean(1), feats.std(1) + 1e-6
     recipe = {k: getattr(args, k) for k in ("lam", "beta", "hidden", "seed", "target", "data", "max_new_tokens",
                                             "human_chunks", "tuning", "fill")}  # what features and labels depend on
     train(router, feats, labels, args.epochs, seed=args.seed, ckpt=runs / f"{out.stem}.resume.pt", recipe=recipe)
     router.to(model.tok_emb.device, model.tok_emb.dtype)
     threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val,
                                                                    args.target_agreement, base)  # 0.5: even odds
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_router(router, Path(f"{out}.tmp"), {
         "base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
         "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer, "lam": args.lam,

@@ -24,9 +24,9 @@ from torch.nn.utils import parametrize
 
 from checkpoint import DEFAULT_EXITS, UserError, load, load_fill, model_id, save_tuning
 from convert import default_checkpoint
-from data import (NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, read_text, resume,
+from data import (NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, resume,
                   save_atomic)
-from evaluate import check_output
+from train_exits import check_ranges, prepare
 
 # ----------------------------------------------------------------------------- low-rank deltas
 
@@ -35,11 +35,8 @@ TUNABLE = ("wqkv", "wo", "w13", "w2")  # the stacked projections a delta may cha
 
 class LowRank(torch.nn.Module):
     """A low-rank delta of one stacked weight W [L, in, out], every layer at once: W + (alpha/r) · A @ B.
-
-    B starts at zero, so an untrained delta gives the base model bit for bit. Registered as a
-    parametrization of the weight (add_deltas), it is seen by every reader of W under autograd,
-    the layer and the decoupled KV fill alike; `merge_deltas` writes it into W once for inference.
-    """
+    B starts at zero: the base model bit for bit. A parametrization of W (add_deltas), it is seen by
+    every reader of W, the layer and the decoupled KV fill alike."""
     def __init__(self, n_layers, d_in, d_out, rank, alpha):
         super().__init__()
         self.A = torch.nn.Parameter(torch.randn(n_layers, d_in, rank) / d_in ** 0.5)
@@ -68,19 +65,13 @@ def merge_deltas(model):
             getattr(model, name).requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- exit tuning (joint optimisation)
-#
-# The router above learns where a frozen model may exit. Exit tuning changes the model instead:
-# low-rank deltas (model.LowRank) trained by self-distillation from the frozen base, through the
-# ADEPT path itself (model.forward with a sampled exit pattern: exited tokens keep h_e, later
-# tokens read their filled K/V), so that exit states predict what the base's final layer does.
+# ----------------------------------------------------------------------------- exit tuning
 
 
 def tuning_data(model, tok, args):
-    """Windows [N, tune_len] of token ids to tune on, and held-out windows. Text the model generates from
-    TUNE_PROMPTS (gen_seeds samples of each) and docstrings of every importable standard-library module
-    outside STDLIB (the router's human text, whose held-out part its evaluation scores), or --data.
-    Split by whole document, then each side joined into one stream and cut into windows."""
+    """Windows [N, --seq-len] of token ids to tune on, and held-out ones: text the model generates
+    from TUNE_PROMPTS and the docstrings of the standard library outside STDLIB (the router's text),
+    or --data; split by whole document, then each side made one stream and cut into windows."""
     docs = [ids for k in range(args.gen_seeds)
             for ids, _ in generated_text(model, tok, args.seed + 1 + k, args.gen_tokens, prompts=TUNE_PROMPTS)]
     modules = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in {*STDLIB, *NOT_IMPORTED})
@@ -90,12 +81,6 @@ def tuning_data(model, tok, args):
     stream = lambda ds: [t for d in ds for t in d + [sep]]
     windows = lambda ids: torch.tensor(chunks(ids, args.tune_len)[:len(ids) // args.tune_len]).view(-1, args.tune_len)
     return windows(stream(docs[n_val:])), windows(stream(docs[:n_val]))
-
-
-def sample_exits(shape, layers, rate, n_layers, g):
-    """The exit layer of each token: with probability `rate` a layer drawn uniformly from `layers` (lo, hi), else the last."""
-    e = torch.randint(layers[0], layers[1] + 1, shape, generator=g)
-    return torch.where(torch.rand(shape, generator=g) < rate, e, n_layers)
 
 
 def switch(deltas, on):
@@ -126,9 +111,9 @@ def tuning_loss(model, deltas, ids, exit_layer, final_weight, fill=True):
 
 @torch.no_grad()
 def tuning_estimate(model, deltas, val, exit_layers):
-    """Held-out agreement with the base model's full-depth argmax on the first 8 windows of `val` (1,024 tokens at
-    the default --tune-len): the tuned model at full depth, and its shared head at the first, middle and last of
-    the tuned exit layers; with the KL at full depth."""
+    """Held-out agreement with the base model's full-depth argmax on the first 8 windows of `val`
+    (1,024 tokens at the default --seq-len): the tuned model at full depth, and its shared head at
+    the first, middle and last of the tuned exit layers; with the KL at full depth."""
     L, (lo, hi) = model.config.n_layers, exit_layers
     layers, val = sorted({lo, (lo + L) // 2, hi}), val[:8].to(model.tok_emb.device)
     switch(deltas, False)
@@ -143,15 +128,15 @@ def tuning_estimate(model, deltas, val, exit_layers):
     return out | {f"layer {i}": (model.head(hs[i - 1][0]).argmax(-1) == target).float().mean().item() for i in layers}
 
 
-# What a resumed run must share with the checkpoint it resumes (the data too: --data, --gen-seeds, --tune-len)
+# What a resumed run must share with the checkpoint it resumes (the data too: --data, --gen-seeds,
+# --seq-len); the names are the flags' attributes, their spellings before the renames
 RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill",
           "data", "gen_seeds", "tune_len")
 
 
 def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
-    """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path.
-    Resumes from `ckpt` if it exists (a run with the same settings), and equals an uninterrupted run.
-    Returns (deltas, log)."""
+    """Train low-rank deltas on `model` (added here) by self-distillation through the ADEPT path;
+    returns (deltas, log). Resumes from `ckpt` if it exists, equal to an uninterrupted run."""
     from tqdm import tqdm
     torch.manual_seed(args.seed)
     deltas = add_deltas(model, args.rank, args.alpha)
@@ -164,14 +149,16 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
             d.load_state_dict(state["deltas"][name])
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
-    L, dev = model.config.n_layers, model.tok_emb.device
+    L, dev, (lo, hi) = model.config.n_layers, model.tok_emb.device, args.exit_layers
     if not log:
         log.append({"step": 0, "tokens": 0, **tuning_estimate(model, deltas, val, args.exit_layers)})
     bar = tqdm(total=args.tune_steps, initial=step, desc="exit tuning", disable=not progress)
     while step < args.tune_steps:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # drawn per step: a resumed run draws the same
         ids = train[torch.randint(len(train), (args.tune_batch,), generator=g)]
-        exit_layer = sample_exits(ids.shape, args.exit_layers, args.exit_rate, L, g).to(dev)
+        exit_layer = torch.randint(lo, hi + 1, ids.shape, generator=g)  # uniform on lo..hi
+        exits = torch.rand(ids.shape, generator=g) < args.exit_rate  # the rest run all L layers
+        exit_layer = torch.where(exits, exit_layer, L).to(dev)
         ids = ids.to(dev)
         for group in opt.param_groups:  # linear warm-up, then cosine decay to a tenth
             warm = min(1.0, (step + 1) / 20)
@@ -199,22 +186,30 @@ def tune(model, train, val, args, ckpt=None, stop_after=None, progress=True):
     return deltas, log
 
 
-def tune_main(model, tok, args, tuning_out, runs):
-    """Data, the tuning loop (resumable), the delta file, and the learning curve."""
-    t0 = time.time()
-    base_id = model_id(model)
+def main(argv=None):
+    """Data, the tuning loop (resumable), the delta file, and what bfloat16 storage costs."""
+    args = parse_args(argv)
+    out = check_args(args)
+    runs = prepare(args, out, "--out")
+    model, tok = load(args.checkpoint or default_checkpoint(), args.device)
+    load_fill(model, "plain")  # exit tuning trains with the plain fill, as the shipped delta was
+    L, t0, base_id = model.config.n_layers, time.time(), model_id(model)
+    args.exit_layers = args.exit_layers or [max(1, L - 8), L - 1]
+    if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
+        raise UserError(f"--exit-range {args.exit_layers[0]} {args.exit_layers[1]} must satisfy "
+                        f"1 <= LO <= HI <= {L}")
     train_w, val_w = tuning_data(model, tok, args)
     if len(train_w) == 0 or len(val_w) == 0:
         raise UserError(f"too little text to tune on: {len(train_w)} training and {len(val_w)} held-out windows of "
-                        f"{args.tune_len} tokens; give more with --data or a shorter --tune-len")
+                        f"{args.tune_len} tokens; give more with --data or a shorter --seq-len")
     print(f"tuning data: {train_w.numel()} training tokens, {val_w.numel()} held-out ({time.time() - t0:.0f}s)", file=sys.stderr)
-    ckpt = runs / f"{tuning_out.stem}.resume.pt"
+    ckpt = runs / f"{out.stem}.resume.pt"
     deltas, log = tune(model, train_w, val_w, args, ckpt=ckpt)
     meta = {"base_model": base_id, "rank": args.rank, "alpha": args.alpha, "targets": ",".join(deltas),
             "final_weight": args.final_weight, "exit_rate": args.exit_rate, "exit_layers": "%d-%d" % tuple(args.exit_layers),
             "fill_in_loop": not args.no_fill, "data": "--data" if args.data else f"generated x{args.gen_seeds} + stdlib docstrings",
             "tokens_trained": args.tune_steps * args.tune_batch * args.tune_len, "lr": args.tune_lr, "seed": args.seed}
-    save_tuning(deltas, tuning_out, meta)
+    save_tuning(deltas, out, meta)
     ckpt.unlink(missing_ok=True)
     # what bfloat16 storage costs: the last held-out estimate again, with the deltas rounded as stored
     with torch.no_grad():
@@ -222,39 +217,40 @@ def tune_main(model, tok, args, tuning_out, runs):
             p.copy_(p.to(torch.bfloat16))
     stored = tuning_estimate(model, deltas, val_w, args.exit_layers)
     print("stored in bfloat16: " + ", ".join(f"{k} {log[-1][k]:.4f} -> {v:.4f}" for k, v in stored.items()), file=sys.stderr)
-    print(f"wrote {tuning_out} after {time.time() - t0:.0f}s\n\nlearning curve (held-out, agreement with the base model's argmax):")
-    keys = [k for k in log[0] if k not in ("step", "tokens")]
-    print("| tokens | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
-    for r in log:
-        print(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    print(f"wrote {out} after {time.time() - t0:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": "python tune_exits.py " + " ".join(sys.argv[1:])},
+        command = "python tune_exits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.json).write_text(json.dumps({"meta": {**meta, "command": command},
                                                "learning_curve": log, "stored_bf16": stored}, indent=2))
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tuning-out", help="delta file to write (default: exits/<model>.tuning.safetensors for the "
-                   "default model)")
+    # each renamed flag keeps its old spelling and, as dest, its attribute (RECIPE, file metadata)
+    p.add_argument("--out", "--tuning-out", dest="tuning_out", metavar="FILE", help="delta file to "
+                   "write (default: exits/<model>.tuning.safetensors for the default model)")
     p.add_argument("--data", nargs="+", help="your own text files to tune on (default: generated text and stdlib "
                    "docstrings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=8, help="rank of every delta")
     p.add_argument("--alpha", type=float, default=16.0, help="deltas are scaled by alpha / rank")
-    p.add_argument("--tune-steps", type=int, default=200, help="optimizer steps (about 6.6 s each on 2 CPU cores)")
-    p.add_argument("--tune-lr", type=float, default=3e-4)
-    p.add_argument("--tune-batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--tune-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--steps", "--tune-steps", dest="tune_steps", metavar="N", type=int, default=200,
+                   help="optimizer steps (about 6.6 s each on 2 CPU cores)")
+    p.add_argument("--lr", "--tune-lr", dest="tune_lr", metavar="LR", type=float, default=3e-4)
+    p.add_argument("--batch", "--tune-batch", dest="tune_batch", metavar="N", type=int, default=4,
+                   help="sequences per step")
+    p.add_argument("--seq-len", "--tune-len", dest="tune_len", metavar="N", type=int, default=128,
+                   help="tokens per sequence")
     p.add_argument("--exit-rate", type=float, default=0.25, help="share of tokens that exit in the ADEPT path")
-    p.add_argument("--exit-layers", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="tokens exit at a layer drawn from LO..HI (default: the deepest 8 exits, L-8 .. L-1, where "
-                        "the router exits on the default model; shallower exits' large losses pulled the deep "
-                        "layers away)")
+    p.add_argument("--exit-range", "--exit-layers", dest="exit_layers", metavar=("LO", "HI"),
+                   type=int, nargs=2, help="tokens exit at a layer drawn from LO..HI (default: the "
+                   "deepest 8 exits, L-8 .. L-1, where the router exits on the default model; "
+                   "shallower exits' large losses pulled the deep layers away)")
     p.add_argument("--final-weight", type=float, default=16.0, help="weight of the full-depth tokens' loss "
                    "(exits: 1)")
-    p.add_argument("--no-fill", action="store_true", help="ablation: exits judged on full-depth states, no filled "
-                   "K/V in the loop")
+    p.add_argument("--no-fill-in-loop", "--no-fill", dest="no_fill", action="store_true",
+                   help="ablation: exits judged on full-depth states, no filled K/V in the loop")
     p.add_argument("--gen-seeds", type=int, default=2, help="generated samples of each tuning prompt")
     p.add_argument("--gen-tokens", type=int, default=224, help="length of each generated tuning text")
     p.add_argument("--eval-every", type=int, default=25, help="steps between held-out estimates and checkpoints")
@@ -268,46 +264,19 @@ def parse_args(argv):
 
 def check_args(args):
     """Everything the user gave, checked before the minutes of work start; returns the file to write."""
-    for what, ok, need in [("--seed", 0 <= args.seed < 2 ** 32, "in [0, 2**32)"), ("--rank", args.rank >= 1, ">= 1"),
-                           ("--alpha", 0 < args.alpha < math.inf, "> 0"),
-                           ("--tune-steps", args.tune_steps >= 1, ">= 1"),
-                           ("--tune-lr", 0 < args.tune_lr < math.inf, "> 0"),
-                           ("--tune-batch", args.tune_batch >= 1, ">= 1"), ("--tune-len", args.tune_len >= 2, ">= 2"),
-                           ("--exit-rate", 0 <= args.exit_rate <= 1, "in [0, 1]"),
-                           ("--gen-seeds", args.gen_seeds >= 1, ">= 1"),
-                           ("--final-weight", 0 < args.final_weight < math.inf, "> 0"),
-                           ("--eval-every", args.eval_every >= 1, ">= 1")]:
-        if not ok:
-            raise UserError(f"{what} must be {need}, got {getattr(args, what[2:].replace('-', '_'))}")
+    check_ranges([
+        ("--seed", args.seed, "in [0, 2**32)"), ("--rank", args.rank, ">= 1"),
+        ("--alpha", args.alpha, "> 0"), ("--steps", args.tune_steps, ">= 1"),
+        ("--lr", args.tune_lr, "> 0"), ("--batch", args.tune_batch, ">= 1"),
+        ("--seq-len", args.tune_len, ">= 2"), ("--exit-rate", args.exit_rate, "in [0, 1]"),
+        ("--gen-seeds", args.gen_seeds, ">= 1"), ("--final-weight", args.final_weight, "> 0"),
+        ("--eval-every", args.eval_every, ">= 1")])
     if args.dtype != "float32":
         raise UserError("exit tuning trains in float32 (Adam on bfloat16 deltas loses the small updates); "
                         "drop --dtype")
     if args.checkpoint and not args.tuning_out:
-        raise UserError("with --checkpoint, name the delta file to write with --tuning-out")
-    out = Path(args.tuning_out) if args.tuning_out else DEFAULT_EXITS.with_suffix(".tuning.safetensors")
-    check_output(out, "--tuning-out")
-    if out.exists() and not args.force:
-        raise UserError(f"{out} exists; pass --force to overwrite it or --tuning-out to write elsewhere")
-    if args.json:
-        check_output(args.json, "--json")
-    return out
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    out = check_args(args)
-    args.data_texts = [read_text(f) for f in args.data or []]
-    runs = Path("runs")
-    runs.mkdir(exist_ok=True)
-    torch.manual_seed(args.seed)
-    model, tok = load(args.checkpoint or default_checkpoint(), args.device)
-    load_fill(model, "plain")  # exit tuning trains with the plain fill, as the shipped delta was
-    L = model.config.n_layers
-    args.exit_layers = args.exit_layers or [max(1, L - 8), L - 1]
-    if not 1 <= args.exit_layers[0] <= args.exit_layers[1] <= L:
-        raise UserError(f"--exit-layers {args.exit_layers[0]} {args.exit_layers[1]} must satisfy "
-                        f"1 <= LO <= HI <= {L}")
-    return tune_main(model, tok, args, out, runs)
+        raise UserError("with --checkpoint, name the delta file to write with --out")
+    return Path(args.tuning_out or DEFAULT_EXITS.with_suffix(".tuning.safetensors"))
 
 
 if __name__ == "__main__":

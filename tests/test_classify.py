@@ -288,7 +288,7 @@ def test_train_exits_classify_refuses_bad_settings(tiny, tmp_path, monkeypatch, 
 @pytest.mark.parametrize("extra, message", [
     (["--policy", "entropy"], "--policy entropy does not classify"),
     (["--policy", "static", "--threshold", "0.5"], "--threshold does nothing with --policy static"),
-    (["--exit-layer", "3"], "--exit-layer belongs to --policy static"),
+    (["--exit-layer", "3"], "--exit-layer does nothing with --policy confidence"),
 ])
 def test_sample_classify_refuses_bad_settings(tiny, tmp_path, extra, message):
     import sample

@@ -236,11 +236,12 @@ def test_cached_generated_text_is_keyed_by_what_determines_it(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tuning-out", "d.st", "--dtype", "bfloat16"], "exit tuning trains in float32"),
-    (["--tuning-out", "d.st", "--rank", "0"], "--rank must be >= 1"),
-    (["--tuning-out", "d.st", "--exit-rate", "2"], "--exit-rate must be in [0, 1]"),
+    (["--out", "d.st", "--dtype", "bfloat16"], "exit tuning trains in float32"),
+    (["--out", "d.st", "--rank", "0"], "--rank must be >= 1"),
+    (["--out", "d.st", "--exit-rate", "2"], "--exit-rate must be in [0, 1]"),
+    (["--out", "d.st", "--steps", "0"], "--steps must be >= 1"),
     (["--tuning-out", "no/such/dir/d.st"], "the folder no/such/dir does not exist"),
-    ([], "with --checkpoint, name the delta file to write with --tuning-out"),
+    ([], "with --checkpoint, name the delta file to write with --out"),
 ])
 def test_tune_exits_bad_input_fails_before_any_work(tiny, tmp_path, monkeypatch, args, message):
     from tune_exits import main
