@@ -172,6 +172,7 @@ class Router(torch.nn.Module):
     def macs(self):
         return self.w1.shape[1] * self.w1.shape[2] + self.w2.shape[1]
 
+
 def router_features(model, h, q, k, v):
     """The router's view of the state at a layer: rmsnorm(h) (no weight), then q, k, v
     [n, D + q_dim + 2 * kv_dim]; training reads the same."""

@@ -545,18 +545,23 @@ def save_tuning(deltas, path, meta):
 
 
 def load_tuning(model, path):
-    """Merge a tune_exits.py delta file into a loaded base model, refusing one for other weights."""
-    from tune_exits import add_deltas, merge_deltas
+    """Merge a tune_exits.py delta file into a loaded base model, W + (alpha / rank) · A @ B for
+    each stacked weight it names, refusing one made for other weights."""
     meta, tensors = read_artifact(path, "tuning", "make one with tune_exits.py", model)
-    # load_state_dict's error spans lines: joined into one
-    with refused(lambda e: f"{path} is damaged or not a tuning file ({type(e).__name__}: "
-                 f"{' '.join(str(e).split())}); make it again",
-                 catch=(KeyError, ValueError, RuntimeError, AttributeError)):
-        rank, alpha, targets = int(meta["rank"]), float(meta["alpha"]), meta["targets"].split(",")
-        deltas = add_deltas(model, rank, alpha, targets)
-        for name, d in deltas.items():
-            d.load_state_dict({k: tensors[f"{name}.{k}"] for k in "AB"})
-    merge_deltas(model)
+    with refused(lambda e: f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); "
+                 "make it again", catch=(KeyError, ValueError, RuntimeError, AttributeError)):
+        rank, targets = int(meta["rank"]), meta["targets"].split(",")
+        W = {name: getattr(model, name) for name in targets}
+        A = {name: tensors[f"{name}.A"].to(W[name]) for name in targets}  # [L, in, rank]
+        B = {name: tensors[f"{name}.B"].to(W[name]) for name in targets}  # [L, rank, out]
+        delta = {name: float(meta["alpha"]) / rank * (A[name] @ B[name]) for name in targets}
+        for name in targets:
+            if A[name].shape[-1] != rank or delta[name].shape != W[name].shape:
+                raise ValueError(f"{name}'s delta is {tuple(delta[name].shape)}, its weight "
+                                 f"{tuple(W[name].shape)}")
+    with torch.no_grad():  # merged only once every delta is known to fit
+        for name in targets:
+            W[name].add_(delta[name])
     model.fingerprint = hashlib.sha1((model.fingerprint + meta["base_model"] + repr(sorted(
         (k, hashlib.sha1(t.float().numpy().tobytes()).hexdigest()) for k, t in tensors.items()))).encode()).hexdigest()
     model.tuning = meta

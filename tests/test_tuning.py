@@ -135,6 +135,15 @@ def test_delta_file_round_trip_and_refusals(tiny, tmp_path):
         load_tuning(load(tiny[4])[0], tmp_path / "other.safetensors")
     with pytest.raises(UserError, match="tuning file .* not found"):
         load_tuning(load(tiny[4])[0], tmp_path / "missing.safetensors")
+    # a damaged delta is refused whole: the weights it did name stay as they were
+    for bad in ({"rank": 3}, {"targets": "wo,nosuch"}):
+        meta = {"base_model": base_id, "rank": 4, "alpha": 8.0, "targets": ",".join(deltas)} | bad
+        save_tuning(deltas, tmp_path / "bad.safetensors", meta)
+        fresh = load(tiny[4])[0]
+        wo = fresh.wo.clone()
+        with pytest.raises(UserError, match="is damaged or not a tuning file"):
+            load_tuning(fresh, tmp_path / "bad.safetensors")
+        assert torch.equal(fresh.wo, wo)
 
 
 def test_tune_then_router_on_the_tuned_model_end_to_end(tiny, tmp_path, monkeypatch):
