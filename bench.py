@@ -45,7 +45,7 @@ from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, lo
 from convert import default_checkpoint
 from data import bbc_news, generated_text, split, split_fingerprint
 from evaluate import check_output, evaluate, full_reference, record, report, wilson
-from sample import make_policy
+from sample import make_policy, tokens_per_s
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -226,7 +226,8 @@ def plots(records, model, tok, router_policy, out_dir):
     for ax, (title, speed, quality) in zip(axes[0], panels):
         for which, pol in dict.fromkeys(k[:2] for k in quality):
             # full depth a star; the tuned model blue and dashed
-            fmt = (("k*", "o-") if which == "base" else ("b*", "s--"))[pol != "full"]
+            star = pol == "full"
+            fmt = ("k*" if star else "o-") if which == "base" else ("b*" if star else "s--")
             points = [(speed[k]["speedup"], r) for k, r in quality.items()
                       if k[:2] == (which, pol) and k in speed]
             errorbars(ax, points, "agreement", fmt, pol if which == "base" else f"{which} {pol}", 5)
@@ -460,7 +461,6 @@ def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
                 g = generate(m, p, n_new, pol, kv_fill=fill)
                 runs.setdefault((scenario, fill, key), []).append((g, ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
-    tps = lambda g: (len(g.tokens) - 1) / g.decode_s  # the first token is prefill's
     last = lambda pairs: [g for g, _ in pairs[-len(prompts):]]  # the last repeat's generations
     full_tokens = [g.tokens for g in last(runs[("decode", "decoupled", FULL)])] if runs else []
     full_depth_ppl = full_ppl(model, prompts, full_tokens)
@@ -470,9 +470,9 @@ def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
         records.append(make_record(
             policies, key, scenario, *identical(tokens, full_tokens),
             total([g.decode for g in last(pairs)]), text="chat prompts", kv_fill=fill,
-            tokens_per_s=statistics.median(tps(g) for g, _ in pairs),
-            full_tokens_per_s=statistics.median(tps(f) for _, f in pairs),
-            speedup=statistics.median(tps(g) / tps(f) for g, f in pairs),
+            tokens_per_s=statistics.median(tokens_per_s(g) for g, _ in pairs),
+            full_tokens_per_s=statistics.median(tokens_per_s(f) for _, f in pairs),
+            speedup=statistics.median(tokens_per_s(g) / tokens_per_s(f) for g, f in pairs),
             ppl=full_ppl(model, prompts, tokens), full_ppl=full_depth_ppl))
     return records, full_tokens
 
@@ -536,6 +536,7 @@ def main(argv=None):
     n_prompts, n_new = (2, 16) if args.quick else (len(PROMPTS), 40)
     prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
     policies = make_policies({"base": model} | tuned, plain, exits, L)
+    prompt_pols = make_prompt_policies(model, plain, prompt_exits, L, args.quick)  # files refused now
     lengths = sorted({n if n <= context else context // 2 for n in args.prefill_lengths or [256]})  # a tiny model
     n_zero_shot = args.zero_shot_docs if args.zero_shot_docs is not None else \
         0 if args.checkpoint else 10 if args.quick else 200
@@ -548,7 +549,6 @@ def main(argv=None):
         tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
                    "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
         records += bench_teacher_forced(model, tf_sets, policies, t0)
-    prompt_pols = make_prompt_policies(model, plain, prompt_exits, L, args.quick)
     records += bench_prefill(model, sets, policies, prompt_pols, t0)
     if classifier:
         records += exit_classify(model, tok, classifier, args.quick)

@@ -284,19 +284,13 @@ def read_artifact(path, what, fix, model=None):
     return meta, tensors
 
 
-def checked(path, meta, keys, fix, make):
-    """make() (which reads the file's metadata), or one error naming `keys` when that does not parse
-    or is out of range (then make returns a false value)."""
+def malformed(path, meta, keys, fix):
+    """The error for metadata that does not parse or is out of range, showing `keys`."""
     shown = ", ".join(f"{k} {meta.get(k)!r}" for k in keys)
-    malformed = f"{path} has malformed metadata ({shown}); {fix}"
-    with refused(lambda e: malformed, catch=(KeyError, ValueError, TypeError, RuntimeError)):
-        made = make()
-    if not made:
-        raise UserError(malformed)
-    return made
+    return UserError(f"{path} has malformed metadata ({shown}); {fix}")
 
 
-def loaded(path, module, tensors, meta, model, fix):
+def load_state(path, module, tensors, meta, model, fix):
     """module holding the file's tensors, refused unless they are its own by name and shape."""
     want = {k: tuple(t.shape) for k, t in module.state_dict().items()}
     for k in want.keys() | tensors.keys():
@@ -481,16 +475,18 @@ def load_classifier(path, model):
     fix, c = "train one for this model with train_exits.py --classify DIR", model.config
     meta, tensors = read_artifact(path, "classifier", fix, model)
     gated = "router.w1" in tensors  # with the learned gate's router
-
-    def make():
+    try:
         labels, hidden = json.loads(meta["labels"]), int(meta["router_hidden"]) if gated else 1
-        clf = isinstance(labels, list) and len(labels) >= 2 and meta.get("pooling") == POOLING \
-            and hidden >= 1 and ExitClassifier(c, labels)
-        if clf and gated:
-            clf.router = Router(c, hidden, n_features=c.dim + len(labels))
-        return clf
-    clf = checked(path, meta, ["labels", "pooling"] + ["router_hidden"] * gated, fix, make)
-    return loaded(path, clf, tensors, meta, model, fix)
+        ok = isinstance(labels, list) and len(labels) >= 2 and meta.get("pooling") == POOLING \
+            and hidden >= 1
+    except (KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise malformed(path, meta, ["labels", "pooling"] + (["router_hidden"] if gated else []), fix)
+    clf = ExitClassifier(c, labels)
+    if gated:
+        clf.router = Router(c, hidden, n_features=c.dim + len(labels))
+    return load_state(path, clf, tensors, meta, model, fix)
 
 
 POOLING = "mean over tokens of rmsnorm(h), each token as it stands at the layer"
@@ -511,11 +507,16 @@ def load_router(path, model):
     if meta.get("features") != Router.FEATURES:
         raise UserError(f"router {path} uses features {meta.get('features')!r}; this code computes "
                         f"{Router.FEATURES!r}")
-    router = checked(path, meta, ["hidden", "threshold", "min_layer"], "retrain it",
-                     lambda: int(meta["hidden"]) >= 1 and 0 <= float(meta["threshold"]) <= 1
-                     and 1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
-                     and Router(model.config, int(meta["hidden"])))
-    return loaded(path, router, tensors, meta, model, "retrain it")
+    try:
+        hidden, threshold = int(meta["hidden"]), float(meta["threshold"])
+        ok = hidden >= 1 and 0 <= threshold <= 1 and \
+            1 <= int(meta.get("min_layer", 1)) <= model.config.n_layers
+    except (KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise malformed(path, meta, ["hidden", "threshold", "min_layer"], "retrain it")
+    router = Router(model.config, hidden)
+    return load_state(path, router, tensors, meta, model, "retrain it")
 
 
 def load_fill(model, path=None):
@@ -551,6 +552,8 @@ def load_tuning(model, path):
     with refused(lambda e: f"{path} is damaged or not a tuning file ({type(e).__name__}: {e}); "
                  "make it again", catch=(KeyError, ValueError, RuntimeError, AttributeError)):
         rank, targets = int(meta["rank"]), meta["targets"].split(",")
+        if len(set(targets)) < len(targets):
+            raise ValueError(f"targets {meta['targets']} name a weight twice")
         W = {name: getattr(model, name) for name in targets}
         A = {name: tensors[f"{name}.A"].to(W[name]) for name in targets}  # [L, in, rank]
         B = {name: tensors[f"{name}.B"].to(W[name]) for name in targets}  # [L, rank, out]

@@ -32,7 +32,6 @@ with --data. Whole documents are held out, never seen in training.
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 from adept import ExitClassifier, Router, RouterPolicy, pooled, router_features
 from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fill, load_router, load_tuning,
-                        model_id, read_labelled, save_classifier, save_router)
+                        model_id, read_labelled, save_classifier, save_router, save_safetensors)
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, resume, save_atomic, split, split_fingerprint
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
@@ -332,7 +331,7 @@ def parse_args(argv):
 def check_args(args):
     """Everything the user gave, checked before the minutes of work start; returns the file to write."""
     if args.tune:
-        raise UserError("exit tuning has its own command: python tune_exits.py, with the same flags but --tune")
+        raise UserError("exit tuning has its own command: python tune_exits.py (see its --help)")
     check_ranges([
         ("--lam", args.lam, "> 0"), ("--beta", args.beta, "> 0"), ("--hidden", args.hidden, ">= 1"),
         ("--epochs", args.epochs, ">= 1"), ("--seed", args.seed, "in [0, 2**32)"),
@@ -415,10 +414,9 @@ def main(argv=None):
 
 def calibrate(model, seqs, written, t0):
     """--calibrate: the calibrated fill's mean hidden states, written beside the router file."""
-    from safetensors.torch import save_file
     mu, n = fill_statistics(model, seqs)
-    save_file({"mu": mu.cpu().contiguous()}, str(written), metadata={
-        "base_model": model_id(model), "tokens": str(n),
+    save_safetensors(written, {"mu": mu}, {
+        "base_model": model_id(model), "tokens": n,
         "text": "train_exits.py training text (generated + human), positions >= 4"})
     print(f"wrote {written}: mean hidden states after 0..{model.config.n_layers} layers over {n} tokens "
           f"({time.time() - t0:.0f}s)", file=sys.stderr)
@@ -443,12 +441,11 @@ def train_router(model, seqs, args, out, runs, base, t0):
     router.to(model.tok_emb.device, model.tok_emb.dtype)
     threshold = 0.5 if args.target == "prompt" else pick_threshold(model, router, args.min_layer, val,
                                                                    args.target_agreement, base)  # 0.5: even odds
-    save_router(router, Path(f"{out}.tmp"), {
+    save_router(router, out, {
         "base_model": model_id(model), "tuning": args.tuning, "n_layers": model.config.n_layers,
         "dim": model.config.dim, "threshold": threshold, "min_layer": args.min_layer, "lam": args.lam,
         "beta": args.beta, "seed": args.seed, "epochs": args.epochs, "target": args.target,
         "fill": "calibrated" if model.fill_mu is not None else "plain"})
-    os.replace(f"{out}.tmp", out)
     (runs / f"{out.stem}.resume.pt").unlink(missing_ok=True)
     print(f"wrote {out} (threshold {threshold}) after {time.time() - t0:.0f}s", file=sys.stderr)
     return router

@@ -129,7 +129,7 @@ def tuning_estimate(model, deltas, val, exit_layers):
 
 
 # What a resumed run must share with the checkpoint it resumes (the data too: --data, --gen-seeds,
-# --seq-len); the names are the flags' attributes, their spellings before the renames
+# --seq-len), by the flags' attribute names (dest), which resume files and delta metadata keep
 RECIPE = ("seed", "rank", "alpha", "tune_lr", "tune_steps", "tune_batch", "exit_layers", "exit_rate", "final_weight", "no_fill",
           "data", "gen_seeds", "tune_len")
 
@@ -227,7 +227,7 @@ def main(argv=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="base model directory (default: SmolLM2-135M-Instruct)")
-    # each renamed flag keeps its old spelling and, as dest, its attribute (RECIPE, file metadata)
+    # a flag's second spelling is an alias; dest is the name resume files and metadata keep
     p.add_argument("--out", "--tuning-out", dest="tuning_out", metavar="FILE", help="delta file to "
                    "write (default: exits/<model>.tuning.safetensors for the default model)")
     p.add_argument("--data", nargs="+", help="your own text files to tune on (default: generated text and stdlib "
@@ -258,7 +258,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default="float32", help="exit tuning trains in float32 only")
     p.add_argument("--json", help="write the learning curve here")
     p.add_argument("--force", action="store_true", help="overwrite an existing delta file")
-    p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)  # the old spelling, train_exits.py --tune
+    # accepted, so that a train_exits.py --tune line runs here as it is
+    p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
