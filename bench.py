@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, RouterGate, Static, Stats,
                    classify, forward_tokens, generate, sync)
 from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
-                        load_tuning, model_id, read_labelled)
+                        load_tuning, model_id, read_labelled, run)
 from convert import default_checkpoint
 from data import bbc_news, generated_text, split, split_fingerprint
 from evaluate import check_output, evaluate, full_reference, record, report, wilson
@@ -580,7 +580,4 @@ def prefill_sets(tok, lengths, generated, n_labelled, quick):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
-        sys.exit(f"error: {e}")
+    run(main)

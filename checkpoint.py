@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,17 @@ from model import Config, Transformer
 
 class UserError(Exception):
     """A problem with the user's input or files; the command lines print it as one line."""
+
+
+def run(main):
+    """A command's entry point: the errors a user can cause as one line, not a traceback
+    (ValueError: an argument the mechanism refuses, by name)."""
+    try:
+        main()
+    except (UserError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 @contextlib.contextmanager

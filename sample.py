@@ -13,7 +13,7 @@ import torch
 from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static,
                    Stats, check_sampling, classify, generate)
 from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier,
-                        load_fill, load_router, load_tuning)
+                        load_fill, load_router, load_tuning, run)
 from convert import default_checkpoint
 
 
@@ -261,9 +261,4 @@ def classify_main(args, model, tok, t0):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run(main)

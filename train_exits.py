@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from adept import ExitClassifier, Router, RouterPolicy, pooled, router_features
 from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fill, load_router, load_tuning,
-                        model_id, read_labelled, save_classifier, save_router, save_safetensors)
+                        model_id, read_labelled, save_classifier, save_router, save_safetensors,
+                        run)
 from convert import default_checkpoint
 from data import chunks, docstrings, generated_text, read_text, resume, save_atomic, split, split_fingerprint
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
@@ -473,7 +474,4 @@ def evaluate_router(model, router, data, args, out, base, argv, t0):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
-        sys.exit(f"error: {e}")
+    run(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from checkpoint import DEFAULT_EXITS, UserError, load, load_fill, model_id, save_tuning
+from checkpoint import DEFAULT_EXITS, UserError, load, load_fill, model_id, run, save_tuning
 from convert import default_checkpoint
 from data import (NOT_IMPORTED, STDLIB, TUNE_PROMPTS, chunks, docstrings, generated_text, resume,
                   save_atomic)
@@ -281,7 +281,4 @@ def check_args(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, ValueError) as e:  # ValueError: an argument the mechanism refuses, by name
-        sys.exit(f"error: {e}")
+    run(main)
