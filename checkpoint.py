@@ -453,15 +453,8 @@ def read_labelled(folder):
         if not files:
             raise UserError(f"label folder {root / label} holds no .txt files")
         for f in files:
-            with refused(lambda e: f"cannot read {f} ({e.strerror}); fix or remove it",
-                         catch=OSError):
-                raw = f.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text, latin1 = raw.decode("latin-1"), latin1 + 1
-            if not text.strip():
-                raise UserError(f"{f} is empty; remove it")
+            text, utf8 = read_document(f)
+            latin1 += not utf8
             key = " ".join(text.split())
             if key in seen:
                 if seen[key][1] != j:
@@ -473,6 +466,37 @@ def read_labelled(folder):
             docs.append((f"{label}/{f.name}", text, j))
     notes = [f"{dropped} repeated texts kept once", f"{latin1} files not UTF-8, read as Latin-1"]
     return labels, docs, "; ".join(notes)
+
+
+def read_document(f):
+    """(text, whether it was UTF-8) of a document file; one that is not UTF-8 is read as Latin-1,
+    one that cannot be read or is empty is refused."""
+    with refused(lambda e: f"cannot read {f} ({e.strerror}); fix or remove it", catch=OSError):
+        raw = f.read_bytes()
+    try:
+        text, utf8 = raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        text, utf8 = raw.decode("latin-1"), False
+    if not text.strip():
+        raise UserError(f"{f} is empty; remove it")
+    return text, utf8
+
+
+def read_documents(paths):
+    """[(name, text)] of the .txt files named, and of every .txt file under the folders named
+    (named by their path inside the folder), in that order, each folder's sorted."""
+    docs = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*.txt") if f.is_file())
+            if not files:
+                raise UserError(f"{path} holds no .txt files; give a folder of .txt documents")
+            docs += [(str(f.relative_to(path)), read_document(f)[0]) for f in files]
+        elif path.exists():
+            docs.append((str(path), read_document(path)[0]))
+        else:
+            raise UserError(f"{path} does not exist; give .txt files or folders of them")
+    return docs
 
 
 def save_classifier(classifier, path, meta):

@@ -180,11 +180,37 @@ def bbc_news():
 
 
 def split(docs, held_out, seed):
-    """A fixed, seeded split of labelled documents: (train, held_out), the held-out ones the first
-    `held_out` of a seeded shuffle of the sorted names; its fingerprint is written down with the result."""
+    """A fixed, seeded split of labelled documents [(name, text, label)]: (train, held_out).
+
+    held_out is a count (the first of a seeded shuffle of the sorted names) or a fraction below 1,
+    taken from each label, at least one document of each; the split's fingerprint is written down
+    with what was trained on it."""
     order = sorted(range(len(docs)), key=lambda j: docs[j][0])
     random.Random(seed).shuffle(order)
-    return [docs[j] for j in order[held_out:]], [docs[j] for j in order[:held_out]]
+    if held_out >= 1:
+        held = set(order[:held_out])
+    else:
+        held = set()
+        for label in sorted({docs[j][2] for j in order}):
+            mine = [j for j in order if docs[j][2] == label]
+            held |= set(mine[:max(1, round(held_out * len(mine)))])
+    train = [docs[j] for j in order if j not in held]
+    for name, _, label in docs:
+        if all(y != label for *_, y in train):
+            count = sum(y == label for *_, y in docs)
+            raise UserError(f"label {name.split('/')[0]} has {count} document(s), too few to train on "
+                            f"after holding out {held_out}; give it more or lower --held-out")
+    return train, [docs[j] for j in order if j in held]
+
+
+def held_out_arg(s):
+    """--held-out: a fraction in (0, 1) or a count of documents, as a number."""
+    x = float(s)
+    if 0 < x < 1:
+        return x
+    if x >= 1 and x == int(x):
+        return int(x)
+    raise ValueError(f"--held-out must be a fraction in (0, 1) or a whole number of documents, got {s}")
 
 
 def split_fingerprint(held):

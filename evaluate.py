@@ -24,6 +24,14 @@ def wilson(k, n, z=1.96):
     return min(p, max(0.0, mid - half)), max(p, min(1.0, mid + half))  # p itself stays inside despite rounding
 
 
+def ratio_interval(full_s, s, n_boot=2000, seed=0):
+    """95% bootstrap interval, over items, of the throughput ratio sum(full_s) / sum(s)."""
+    f, p = torch.tensor(full_s, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+    idx = torch.randint(len(f), (n_boot, len(f)), generator=torch.Generator().manual_seed(seed))
+    r = f[idx].sum(1) / p[idx].sum(1)
+    return float(r.quantile(0.025)), float(r.quantile(0.975))
+
+
 def record(policy, setting, scenario, n, n_agree, stats, model="base", reference="base", **measured):
     """One measured figure: `n_agree` of `n` scored tokens (or documents) agree with the reference's argmax."""
     lo, hi = wilson(n_agree, n)

@@ -5,21 +5,24 @@ terminal, `text[depth]` otherwise), then a summary of layers used and speed.
 With --classify FILE the prompt is read as a document and labelled by exit classifiers.
 """
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from adept import (Confidence, DocumentExit, FullDepth, MaxProb, RouterGate, RouterPolicy, Static,
-                   Stats, check_sampling, classify, generate)
+from adept import (Confidence, DocumentExit, FullDepth, MaxProb, Patience, RouterGate, RouterPolicy,
+                   Static, Stats, check_sampling, classify, generate, sync)
 from checkpoint import (DEFAULT_EXITS, DEFAULT_FILL, DTYPES, UserError, load, load_classifier,
-                        load_fill, load_router, load_tuning, run)
+                        load_fill, load_router, load_tuning, read_documents, run)
 from convert import default_checkpoint
+from evaluate import check_output
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--prompt", required=True, help="text to continue (the user turn, with --chat)")
+    p.add_argument("--prompt", help="text to continue (the user turn, with --chat)")
     p.add_argument("--checkpoint", help="a Hugging Face LLaMA directory (default: SmolLM2-135M)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -43,34 +46,38 @@ def parse_args(argv=None):
     p.add_argument("--fill", help=f"fill calibration, or 'plain' (default: {DEFAULT_FILL.name})")
     p.add_argument("--compare", action="store_true", help="then full depth: speed and tokens")
     p.add_argument("--classify", metavar="FILE", help="label the prompt with these classifiers")
+    p.add_argument("--documents", nargs="+", metavar="PATH", help="with --classify: label these\n"
+                   ".txt files, or every .txt file under these folders, a line each")
+    p.add_argument("--json", help="with --documents: write the lines and totals here")
     p.add_argument("--no-color", action="store_true", help="text[depth] instead of colours")
     return p.parse_args(argv)
 
 
 # Each policy of the command line, with the settings it uses. `--policy NAME:VALUE` gives its
-# setting in one word: router:0.43 and confidence:0.9 (a threshold), static:24 (the exit layer).
+# one setting in one word: router:0.43 and confidence:0.9 (a threshold), static:24 (the exit
+# layer), patience:3 (layers in a row that give the same label).
 POLICIES = {"router": ("threshold", "min_layer", "exits"), "confidence": ("threshold", "min_layer"),
             "entropy": ("threshold", "min_layer"), "static": ("exit_layer",), "full": ()}
 # The policies of a whole document (--classify): its gates read the exit classifiers' heads.
-DOCUMENT_POLICIES = {"confidence": ("threshold",), "router": ("threshold",),
-                     "static": ("exit_layer",), "full": ()}
+DOCUMENT_POLICIES = {"confidence": ("threshold",), "patience": ("patience",),
+                     "router": ("threshold",), "static": ("exit_layer",), "full": ()}
+VALUE = {"static": ("exit_layer", int), "patience": ("patience", int)}  # else ("threshold", float)
 
 
-def parse_policy(spec, threshold=None, exit_layer=None):
-    """(name, threshold, exit_layer) from `--policy NAME[:VALUE]` and the separate flags."""
+def parse_policy(spec, settings):
+    """NAME of `--policy NAME[:VALUE]`, and the settings of the separate flags with VALUE added."""
     name, _, value = (spec or "").partition(":")
     if not value:
-        return name, threshold, exit_layer
-    what = "exit_layer" if name == "static" else "threshold"
-    if (exit_layer if what == "exit_layer" else threshold) is not None:
+        return name, settings
+    what, kind = VALUE.get(name, ("threshold", float))
+    if settings.get(what) is not None:
         raise UserError(f"--policy {spec} gives the {what.replace('_', ' ')} already; "
                         f"drop --{what.replace('_', '-')}")
     try:
-        x = int(value) if what == "exit_layer" else float(value)
+        return name, settings | {what: kind(value)}
     except ValueError:
-        kind = "layer" if what == "exit_layer" else "number"
+        kind = "whole number" if kind is int else "number"
         raise UserError(f"--policy {spec}: {value!r} is not a {kind}") from None
-    return (name, None, x) if what == "exit_layer" else (name, x, None)
 
 
 def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, exits=None,
@@ -78,53 +85,64 @@ def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, ex
     """Build a policy from command-line settings (`name` may be NAME:VALUE); None = the policy's
     default. With exit classifiers, a policy of whole documents. A setting the chosen policy
     does not use is an error, not silently ignored."""
-    name, threshold, exit_layer = parse_policy(name, threshold, exit_layer)
+    name, settings = parse_policy(name, {"threshold": threshold, "min_layer": min_layer,
+                                         "exit_layer": exit_layer, "exits": exits})
     table = POLICIES if classifier is None else DOCUMENT_POLICIES
     if name not in table:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}"
                         if classifier is None else f"--policy {name} does not classify; "
                         f"choose {', '.join(DOCUMENT_POLICIES)}")
-    settings = {"threshold": threshold, "min_layer": min_layer, "exit_layer": exit_layer,
-                "exits": exits}
     for flag, value in settings.items():
         if value is not None and flag not in table[name]:
             why = " (static exits every token at --exit-layer)" if name == "static" else ""
             raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; "
                             f"drop it{why}")
-    L = model.config.n_layers
-    if min_layer is not None and not 1 <= min_layer <= L:
-        raise UserError(f"--min-layer {min_layer} is out of range; it must be in [1, {L}]")
+    L, s = model.config.n_layers, settings
+    if s["min_layer"] is not None and not 1 <= s["min_layer"] <= L:
+        raise UserError(f"--min-layer {s['min_layer']} is out of range; it must be in [1, {L}]")
     try:
         if name == "full":
             return FullDepth()
         if name == "static":
             default = min(24, L) if classifier is None else L // 5
-            return Static(default if exit_layer is None else exit_layer, L)
+            return Static(default if s["exit_layer"] is None else s["exit_layer"], L)
         if classifier is not None:
-            return document_gate(name, classifier, threshold)
+            return document_gate(name, classifier, s.get("threshold"), s.get("patience"))
         if name == "router":
-            return RouterPolicy(load_router(exits or DEFAULT_EXITS, model), threshold, min_layer)
+            return RouterPolicy(load_router(exits or DEFAULT_EXITS, model), s["threshold"],
+                                s["min_layer"])
         default = 0.9 if name == "confidence" else 0.5
-        return Confidence(default if threshold is None else threshold, min_layer or 1,
-                          name == "entropy", model.config.vocab_size)
+        return Confidence(default if s["threshold"] is None else s["threshold"],
+                          s["min_layer"] or 1, name == "entropy", model.config.vocab_size)
     except ValueError as e:  # a setting out of range, named by the policy
         raise UserError(f"--policy {name}: {e}") from None
 
 
-def document_gate(name, classifier, threshold):
-    """A document stops where the classifier file's confidence gate or its router says so."""
+def document_gate(name, classifier, threshold, patience):
+    """A document stops where a gate on the exit classifiers' heads says its label is settled."""
     if name == "confidence":
-        tau = float(classifier.meta.get("policy", "confidence:0.99").split(":")[1])
-        return DocumentExit(classifier, MaxProb(tau if threshold is None else threshold))
+        return DocumentExit(classifier, MaxProb(0.9 if threshold is None else threshold))
+    if name == "patience":
+        return DocumentExit(classifier, Patience(3 if patience is None else patience))
     if classifier.router is None:
-        raise UserError("these exit classifiers hold no router; choose --policy confidence")
+        raise UserError("these exit classifiers hold no router; choose another --policy")
     return DocumentExit(classifier, RouterGate(classifier.router,
                                                0.5 if threshold is None else threshold))
 
 
 def check_args(args):
     """The prompt and the sampling flags, checked before the model loads."""
-    if args.prompt.strip() == "":
+    if args.documents and not args.classify:
+        raise UserError("--documents are labelled by exit classifiers: add --classify FILE")
+    if args.json and not args.documents:
+        raise UserError("--json writes the lines of --documents; give them, or drop --json")
+    if args.json:
+        check_output(args.json, "--json")
+    if args.documents:
+        if args.prompt is not None:
+            raise UserError("--prompt and --documents: give the text one way")
+        return
+    if args.prompt is None or args.prompt.strip() == "":
         raise UserError("the prompt is empty; give some text with --prompt")
     try:
         args.prompt.encode("utf-8")
@@ -233,31 +251,85 @@ def compare(g, f, tok):
 
 
 def classify_main(args, model, tok, t0):
-    """--classify: the prompt's label, its probability, the layer it was read at and the time."""
+    """--classify: label the prompt, or every document of --documents, with the file's policy."""
     clf = load_classifier(args.classify, model)
     load_fill(model, args.fill)
-    L = model.config.n_layers
-    name = args.policy or "confidence"
-    policy = make_policy(name, model, args.threshold, args.min_layer, args.exit_layer,
+    spec = args.policy or clf.meta.get("policy", "confidence:0.9")  # the policy the file ships
+    if not args.policy and (args.threshold is not None or args.exit_layer is not None):
+        spec = spec.partition(":")[0]  # a flag sets the file's policy's own setting
+    policy = make_policy(spec, model, args.threshold, args.min_layer, args.exit_layer,
                          args.exits, classifier=clf)
-    ids = tok.encode(args.prompt)[:int(clf.meta.get("tokens", 256))]
-    ids = torch.tensor(ids, device=model.tok_emb.device)
-    print(f"[{model.name}: {L} layers, loaded in {time.perf_counter() - t0:.1f}s; policy "
-          f"{name}; {len(ids)} tokens read]", file=sys.stderr)
-    classify(model, clf, ids[:8], FullDepth(), Stats())  # warm-up: the first call allocates
-    runs = {}
-    for key, pol in [("adept", policy)] + ([("full", FullDepth())] if args.compare else []):
-        stats, t0 = Stats(), time.perf_counter()
-        p, d = classify(model, clf, ids, pol, stats)
-        runs[key] = (p, d, stats, time.perf_counter() - t0)
-    p, d, stats, s = runs["adept"]
-    print(f"{clf.labels[int(p.argmax())]} (p = {float(p.max()):.3f}), read at layer {d} of {L} "
-          f"in {s * 1000:.0f} ms")
-    if args.compare:
-        fp, _, _, fs = runs["full"]
+    docs = read_documents(args.documents) if args.documents else [("prompt", args.prompt)]
+    n_tokens, L = int(clf.meta.get("tokens", 256)), model.config.n_layers
+    docs = [(name, torch.tensor(tok.encode(text)[:n_tokens], device=model.tok_emb.device))
+            for name, text in docs]
+    print(f"[{model.name}: {L} layers, loaded in {time.perf_counter() - t0:.1f}s; policy {spec}; "
+          f"{len(docs)} document(s), their first {n_tokens} tokens read]", file=sys.stderr)
+    classify(model, clf, docs[0][1][:8], FullDepth(), Stats())  # warm-up: the first call allocates
+    if not args.documents:
+        return classify_one(model, clf, docs[0][1], policy, args.compare)
+    rows = label_documents(model, clf, docs, policy, args.compare)
+    summarise(rows, spec, args.json)
+
+
+def classify_timed(model, clf, ids, policy):
+    """(label probabilities, decision layer, Stats, seconds) of one document under a policy."""
+    stats, t0 = Stats(), time.perf_counter()
+    p, d = classify(model, clf, ids, policy, stats)
+    sync(ids.device)
+    return p, d, stats, time.perf_counter() - t0
+
+
+def classify_one(model, clf, ids, policy, compare):
+    """The prompt's label, its probability, the layer it was read at and the time."""
+    p, d, stats, s = classify_timed(model, clf, ids, policy)
+    print(f"{clf.labels[int(p.argmax())]} (p = {float(p.max()):.3f}), read at layer {d} of "
+          f"{model.config.n_layers} in {s * 1000:.0f} ms")
+    if compare:
+        fp, _, _, fs = classify_timed(model, clf, ids, FullDepth())
         print(f"full depth: {clf.labels[int(fp.argmax())]} (p = {float(fp.max()):.3f}) in "
               f"{fs * 1000:.0f} ms; speed ratio {fs / s:.2f}x (ideal from the counters "
               f"{stats.ideal_speedup:.2f}x)")
+
+
+def label_documents(model, clf, docs, policy, compare):
+    """--documents: a line per document as it is labelled; with --compare full depth too, the
+    two in alternating order. Returns the lines as dicts."""
+    from tqdm import tqdm
+    rows, full = [], FullDepth()
+    for j, (name, ids) in enumerate(bar := tqdm(docs, desc="labelling", unit="doc")):
+        runs = [("full", full), ("policy", policy)] if compare else [("policy", policy)]
+        if j % 2:
+            runs.reverse()
+        out = {key: classify_timed(model, clf, ids, pol) for key, pol in runs}
+        p, d, _, s = out["policy"]
+        row = {"name": name, "label": clf.labels[int(p.argmax())], "p": round(float(p.max()), 4),
+               "layer": d, "ms": round(s * 1000, 2)}
+        if compare:
+            row |= {"full_label": clf.labels[int(out["full"][0].argmax())],
+                    "full_ms": round(out["full"][3] * 1000, 2)}
+        rows.append(row)
+        bar.write(f"{name}  {row['label']}  p = {row['p']:.3f}  layer {d}  {row['ms']:.0f} ms",
+                  file=sys.stdout)
+    return rows
+
+
+def summarise(rows, spec, json_path):
+    """--documents: the total time, full depth's and the throughput ratio; --json."""
+    total = sum(r["ms"] for r in rows) / 1000
+    summary = {"policy": spec, "documents": len(rows), "total_s": round(total, 3),
+               "mean_layer": sum(r["layer"] for r in rows) / len(rows)}
+    line = f"{len(rows)} documents in {total:.2f} s, mean decision layer {summary['mean_layer']:.1f}"
+    if "full_ms" in rows[0]:
+        full = sum(r["full_ms"] for r in rows) / 1000
+        agree = sum(r["label"] == r["full_label"] for r in rows)
+        summary |= {"full_total_s": round(full, 3), "throughput_speedup": round(full / total, 3),
+                    "agree_with_full": agree}
+        line += (f"; full depth {full:.2f} s: throughput {full / total:.2f}x; "
+                 f"{agree}/{len(rows)} labels as full depth's")
+    print(line, file=sys.stderr)
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary | {"rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

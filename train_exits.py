@@ -21,9 +21,11 @@ the layers it would skip, each weighted by the mean attention later tokens pay j
 
 Exit classifiers (--classify). One full-depth pass per training document gives every layer's
 pooled features (the mean over its tokens of rmsnorm(h)); a logistic-regression head per layer is
-fitted on them. The gate's router is trained on the heads' out-of-fold probabilities, T(i) = 1
-where layer i's head gives the label that layer L's head gives; the confidence gate's threshold
-is the lowest whose out-of-fold accuracy stays within half a point of full depth's.
+fitted on them. Heads fitted on four fifths of the documents label the fifth (out of fold): what
+held-out documents will see. On those labels every candidate policy (confidence gates, patience,
+static depths) is scored, and the file ships the cheapest, by mean decision layer, whose accuracy
+is within --budget points of full depth's; it records them all. The gate's router is trained on
+the same probabilities, T(i) = 1 where layer i's head gives the label that layer L's head gives.
 
 Data (data.py), without downloads: text the model generates itself from built-in prompts,
 and English docstrings of the Python standard library ("human text"), or your own files
@@ -45,7 +47,8 @@ from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fi
                         model_id, read_labelled, save_classifier, save_router, save_safetensors,
                         run)
 from convert import default_checkpoint
-from data import chunks, docstrings, generated_text, read_text, resume, save_atomic, split, split_fingerprint
+from data import (chunks, docstrings, generated_text, held_out_arg, read_text, resume, save_atomic, split,
+                  split_fingerprint)
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
 from kv_cache import skipped_kv
 
@@ -215,13 +218,13 @@ def fit_heads(clf, feats, y, steps=300, lr=0.05, weight_decay=1e-3):
     return clf
 
 
-def out_of_fold(model, labels, feats, y, folds=2, seed=0):
+def out_of_fold(model, labels, feats, y, folds=5, seed=0):
     """Each training document's label probabilities [L, N, C] from heads fitted on the other folds:
-    what held-out documents will see, for the gate's training and its threshold."""
+    what held-out documents will see, for choosing the policy and training the gate's router."""
     N = feats.shape[1]
-    fold = torch.randperm(N, generator=torch.Generator().manual_seed(seed)) % folds
+    fold = torch.randperm(N, generator=torch.Generator().manual_seed(seed)) % min(folds, N)
     probs = torch.empty(feats.shape[0], N, len(labels))
-    for f in range(folds):
+    for f in fold.unique():
         clf = fit_heads(ExitClassifier(model.config, labels), feats[:, fold != f], y[fold != f])
         with torch.no_grad():
             part = feats[:, fold == f]
@@ -229,48 +232,86 @@ def out_of_fold(model, labels, feats, y, folds=2, seed=0):
     return probs
 
 
-def confidence_gate(probs, y, slack=0.005):
-    """The lowest confidence threshold whose first-settled layers keep the accuracy within `slack`
-    of full depth's, on out-of-fold probabilities [L, N, C]: (threshold, mean exit layer, accuracy)."""
-    L, full = probs.shape[0], float((probs[-1].argmax(-1) == y).float().mean())
-    best = (1.0, float(L), full)
-    for tau in (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999):
-        sure = probs.max(-1).values >= tau
-        sure[-1] = True
-        d = sure.float().argmax(0)  # the first settled layer, 0-based
-        acc = float((probs[d, torch.arange(len(y))].argmax(-1) == y).float().mean())
-        if acc >= full - slack and float(d.float().mean()) + 1 < best[1]:
-            best = (tau, float(d.float().mean()) + 1, acc)
-    return best
+def candidates(L):
+    """The document policies a classifier file may ship, as sample.py's --policy spells them; at
+    equal cost and accuracy the first is chosen: the simplest."""
+    return ([f"static:{k}" for k in range(1, L)] + [f"patience:{k}" for k in range(2, min(6, L - 1) + 1)]
+            + [f"confidence:{t}" for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)]
+            + ["full"])
+
+
+def decision_layers(probs, spec):
+    """The layer [N] (1-based) each document is read at under a policy, from every layer's label
+    probabilities [L, N, C]: the first layer its gate settles at, as adept's gates decide, else L."""
+    L, N = probs.shape[:2]
+    name, _, value = spec.partition(":")
+    if name in ("static", "full"):
+        return torch.full((N,), int(value or L))
+    if name == "confidence":
+        settled = probs.max(-1).values >= float(value)
+    else:  # patience: the same label k layers in a row
+        label, run = probs.argmax(-1), torch.ones(L, N)
+        for i in range(1, L):
+            run[i] = torch.where(label[i] == label[i - 1], run[i - 1] + 1, 1)
+        settled = run >= int(value)
+    settled[-1] = True
+    return settled.float().argmax(0) + 1
+
+
+def choose_policy(probs, y, budget):
+    """The cheapest candidate (lowest mean decision layer, which time follows) whose accuracy on
+    out-of-fold probabilities [L, N, C] is within `budget` of full depth's: (policy, table), the
+    table a row (policy, accuracy, mean decision layer) per candidate. Full depth always qualifies."""
+    table = []
+    for spec in candidates(probs.shape[0]):
+        d = decision_layers(probs, spec)
+        right = probs[d - 1, torch.arange(len(y))].argmax(-1) == y
+        table.append((spec, int(right.sum()) / len(y), int(d.sum()) / len(y)))
+    full = table[-1][1]
+    ok = [row for row in table if row[1] >= full - budget - 1e-9]
+    return min(ok, key=lambda row: (row[2], -row[1]))[0], table
 
 
 def train_classify(model, tok, args, out, runs):
-    """--classify DIR: exit classifiers on the frozen model, their confidence gate and router."""
+    """--classify DIR: exit classifiers on the frozen model, the policy they ship, their router."""
     labels, docs, notes = read_labelled(args.classify)
-    if len(docs) <= args.held_out:
-        raise UserError(f"{args.classify} has {len(docs)} documents; --held-out {args.held_out} leaves none to train on")
     train_docs, held = split(docs, args.held_out, args.seed)
-    print(f"{len(docs)} documents ({notes}), {len(labels)} labels; {len(held)} held out", file=sys.stderr)
+    print(f"{len(docs)} documents ({notes}), {len(labels)} labels; {len(held)} held out "
+          f"(--held-out {args.held_out}), {len(train_docs)} to train on", file=sys.stderr)
     t0 = time.time()
     recipe = {"model": model_id(model), "tokens": args.tokens}
-    feats = document_features(model, tok, train_docs, args.tokens, runs / f"{out.stem}.features.pt", recipe)
+    feats = document_features(model, tok, train_docs, args.tokens, runs / f"{out.stem}.features.pt",
+                              recipe)
     y = torch.tensor([j for *_, j in train_docs])
-    print(f"features of {len(train_docs)} documents x {feats.shape[0]} layers ({time.time() - t0:.0f}s)", file=sys.stderr)
+    print(f"features of {len(train_docs)} documents x {feats.shape[0]} layers "
+          f"({time.time() - t0:.0f}s)", file=sys.stderr)
     torch.manual_seed(args.seed)
     probs = out_of_fold(model, labels, feats, y, seed=args.seed)
-    acc = (probs.argmax(-1) == y).float().mean(1)
-    print("out-of-fold accuracy by layer: " + " ".join(f"{i + 1}:{a:.3f}" for i, a in enumerate(acc.tolist())),
-          file=sys.stderr)
-    tau, mean_exit, gate_acc = confidence_gate(probs, y)
-    print(f"confidence gate {tau}: mean exit {mean_exit:.1f}, accuracy {gate_acc:.1%} (full {acc[-1]:.1%})", file=sys.stderr)
+    policy, table = choose_policy(probs, y, args.budget / 100)
+    print_policies(table, policy, args.budget, len(y))
     clf = fit_heads(ExitClassifier(model.config, labels), feats, y)
     clf.router = train_gate_router(model, clf, feats, probs, args)
-    meta = {"base_model": model_id(model), "pooling": POOLING, "tokens": args.tokens, "policy": f"confidence:{tau}",
-            "router_threshold": 0.5, "seed": args.seed, "held_out": args.held_out, "documents": len(docs),
+    meta = {"base_model": model_id(model), "pooling": POOLING, "tokens": args.tokens,
+            "policy": policy, "budget_points": args.budget, "router_threshold": 0.5, "seed": args.seed,
+            "held_out": args.held_out, "held_out_documents": len(held), "documents": len(docs),
             "read": notes, "held_out_fingerprint": split_fingerprint(held),
+            "out_of_fold": json.dumps([{"policy": p, "accuracy": round(a, 5),
+                                        "mean_decision_layer": round(m, 3)} for p, a, m in table]),
             "lam": args.lam, "beta": args.beta}
     save_classifier(clf, out, meta)
-    print(f"wrote {out} ({time.time() - t0:.0f}s)", file=sys.stderr)
+    print(f"wrote {out} ({time.time() - t0:.0f}s); its policy: {policy}", file=sys.stderr)
+
+
+def print_policies(table, chosen, budget, n):
+    """The candidates' out-of-fold accuracy and cost, the chosen one marked; budget in points."""
+    full = table[-1][1]
+    print(f"out-of-fold, {n} documents: full depth {full:.1%}; budget {budget} points below it",
+          file=sys.stderr)
+    print(f"  {'policy':<18} {'accuracy':>8} {'mean layer':>10}", file=sys.stderr)
+    for spec, acc, layer in table:
+        mark = "  <- shipped: the cheapest within budget" if spec == chosen else \
+            "" if acc >= full - budget / 100 - 1e-9 else "  (over budget)"
+        print(f"  {spec:<18} {acc:>8.1%} {layer:>10.2f}{mark}", file=sys.stderr)
 
 
 def train_gate_router(model, clf, feats, probs, args):
@@ -319,7 +360,10 @@ def parse_args(argv):
     k.add_argument("--classify", metavar="DIR", help="train exit classifiers on this folder (one subfolder of "
                    ".txt files per label) and write them to --out")
     k.add_argument("--tokens", type=int, default=256, help="each document's first tokens that are read")
-    k.add_argument("--held-out", type=int, default=825, help="documents held out of training (seeded by --seed)")
+    k.add_argument("--held-out", default="0.2", help="documents held out of training: a fraction of "
+                   "each label (default 0.2, at least one each) or a count; seeded by --seed")
+    k.add_argument("--budget", type=float, default=0.5, help="the shipped policy is the cheapest whose "
+                   "out-of-fold accuracy is at most this many points below full depth's (default 0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--all-gates", action="store_true", help="sweep 5 settings of the confidence and entropy "
@@ -339,7 +383,11 @@ def check_args(args):
         ("--max-new-tokens", args.max_new_tokens, ">= 8"), ("--tokens", args.tokens, ">= 1"),
         ("--human-chunks", args.human_chunks, ">= 0"), ("--eval-chunks", args.eval_chunks, ">= 1"),
         ("--target-agreement", args.target_agreement, "in (0, 1]"),
-        ("--held-out", args.held_out, ">= 1")])
+        ("--budget", args.budget, "in [0, 100]")])
+    try:
+        args.held_out = held_out_arg(args.held_out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     modes = [m for m, on in (("--classify", args.classify), ("--eval", args.eval), ("--calibrate", args.calibrate),
                              ("--target prompt", args.target == "prompt")) if on]
     if len(modes) > 1:
@@ -358,7 +406,8 @@ def check_args(args):
 # What the ranges in flags' errors mean ("> 0" is finite too; NaN is in none)
 RANGES = {"> 0": lambda x: 0 < x < math.inf, ">= 0": lambda x: x >= 0, ">= 1": lambda x: x >= 1,
           ">= 2": lambda x: x >= 2, ">= 8": lambda x: x >= 8, "in (0, 1]": lambda x: 0 < x <= 1,
-          "in [0, 1]": lambda x: 0 <= x <= 1, "in [0, 2**32)": lambda x: 0 <= x < 2 ** 32}
+          "in [0, 1]": lambda x: 0 <= x <= 1,
+          "in [0, 100]": lambda x: 0 <= x <= 100, "in [0, 2**32)": lambda x: 0 <= x < 2 ** 32}
 
 
 def check_ranges(checks):

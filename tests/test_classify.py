@@ -8,6 +8,8 @@
 - Classifier files round-trip exactly and are refused for another model or when damaged.
 - Labelled folders: one line for each bad input.
 """
+import json
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from adept import (DocumentExit, ExitClassifier, FullDepth, MaxProb, Patience, P
                    RouterGate, Static, Stats, classify, forward_tokens, pooled)
 from checkpoint import load_classifier, read_labelled, save_classifier
 from checkpoint import UserError
+from train_exits import choose_policy, decision_layers
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 LABELS = ["business", "sport", "tech"]
@@ -160,6 +163,9 @@ def test_a_gate_stops_where_the_dense_features_say(tiny, gate):
         p, d = classify(model, clf, ids, DocumentExit(clf, make()), Stats())
         assert d == want
         torch.testing.assert_close(p, probs[d - 1], **TOL)
+        if gate != "router":  # the layer train_exits.py predicts when it chooses a policy
+            spec = f"confidence:{tau}" if gate == "confidence" else "patience:2"
+            assert int(decision_layers(torch.stack(probs)[:, None], spec)[0]) == d
 
 
 def test_token_level_exits_inside_a_document_equal_the_dense_pattern(tiny):
@@ -262,7 +268,11 @@ def test_train_exits_classify_writes_classifiers_that_sample_reads(tiny, tmp_pat
     train_exits.main(argv)
     clf = load_classifier(out, tiny[0])
     assert clf.labels == ["business", "sport", "tech"] and clf.router is not None
-    assert clf.meta["held_out"] == "6" and clf.meta["tokens"] == "16" and clf.meta["policy"].startswith("confidence:")
+    assert clf.meta["held_out"] == "6" and clf.meta["tokens"] == "16"
+    table = json.loads(clf.meta["out_of_fold"])  # every candidate, the shipped policy among them
+    assert clf.meta["policy"] in [row["policy"] for row in table] and table[-1]["policy"] == "full"
+    printed = capsys.readouterr().err
+    assert f"{clf.meta['policy']} " in printed and "<- shipped" in printed
     with pytest.raises(UserError, match="exists; pass --force"):
         train_exits.main(argv)  # nothing a user made is overwritten
     capsys.readouterr()
@@ -274,7 +284,9 @@ def test_train_exits_classify_writes_classifiers_that_sample_reads(tiny, tmp_pat
 
 @pytest.mark.parametrize("extra, message", [
     (["--eval"], "--classify and --eval are separate runs"),
-    (["--held-out", "18"], "has 18 documents; --held-out 18 leaves none to train on"),
+    (["--held-out", "18"], "label business has 6 document.s., too few to train on after holding out 18"),
+    (["--held-out", "1.5"], "--held-out must be a fraction in .0, 1. or a whole number of documents"),
+    (["--budget", "-1"], "--budget must be in .0, 100."),
 ])
 def test_train_exits_classify_refuses_bad_settings(tiny, tmp_path, monkeypatch, extra, message):
     import train_exits
@@ -303,13 +315,154 @@ def test_bench_classify_exits_records_accuracy_agreement_and_speed(tiny):
     from bench import exit_classify_policies, exit_classify_records, run_exit_classify
     model = tiny[0]
     clf = random_classifier(model, router=True)
+    clf.meta = {"policy": "patience:3"}
     docs = [(document(model, seed=s), s % 3) for s in range(4)]
-    pols = exit_classify_policies(clf, model.config.n_layers, quick=True)
+    pols = exit_classify_policies(model, clf, quick=True)
     acc = run_exit_classify(model, clf, docs, pols)
-    records = {(r["policy"], r["setting"]): r for r in exit_classify_records(acc, len(docs), "tiny")}
+    records = {(r["policy"], r["setting"]): r for r in exit_classify_records(acc, docs, "tiny", "patience:3")}
     full = records[("full", None)]
     assert full["agreement"] == 1 and full["mean_decision_layer"] == model.config.n_layers
-    assert records[("document-static", 6)]["mean_decision_layer"] == 6
+    assert records[("document-static", 3)]["mean_decision_layer"] == 3
+    assert [key for key, r in records.items() if r["default"]] == [("patience", 3)]
     for r in records.values():
-        assert r["n"] == r["timed"] == 4 and 0 <= r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] <= 1
-        assert r["full_accuracy"] == full["accuracy"] and r["speedup"] > 0
+        assert r["n"] == len(r["item_ms"]) == 4 and 0 <= r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] <= 1
+        assert r["full_accuracy"] == full["accuracy"] and r["throughput_speedup"] > 0
+
+
+def synthetic_probs(layers):
+    """Out-of-fold probabilities [L, N, 3] from rows of (label, its probability) per layer."""
+    probs = torch.zeros(len(layers[0]), len(layers), 3)
+    for n, doc in enumerate(layers):
+        for i, (label, p) in enumerate(doc):
+            probs[i, n] = (1 - p) / 2
+            probs[i, n, label] = p
+    return probs
+
+
+def test_the_cheapest_policy_within_budget_is_chosen():
+    """7 documents are easy (label 0, sure at every layer); 3 read label 1 at layers 1-2, then 0."""
+    easy, hard = [(0, 0.96)] * 6, [(1, 0.7)] * 2 + [(0, 0.96)] * 4
+    probs, y = synthetic_probs([easy] * 7 + [hard] * 3), torch.zeros(10, dtype=torch.long)
+    policy, table = choose_policy(probs, y, budget=0.005)
+    rows = {spec: (acc, layer) for spec, acc, layer in table}
+    assert rows["full"] == (1.0, 6) and rows["static:1"] == (0.7, 1) and rows["static:3"] == (1.0, 3)
+    assert rows["confidence:0.7"][0] == 0.7  # 0.7 is sure enough for the wrong label
+    assert rows["confidence:0.8"] == (1.0, pytest.approx(1.6))  # easy ones at 1, hard ones at 3
+    assert rows["patience:2"] == (0.7, 2) and rows["patience:3"] == (1.0, pytest.approx(3.6))
+    assert rows["confidence:0.98"] == (1.0, 6)  # never sure: read at the last layer
+    assert policy == "confidence:0.8"  # the first of the cheapest within budget
+    policy, _ = choose_policy(probs, y, budget=0.3)
+    assert rows[policy] == (0.7, 1)  # 30 points of budget: the cheapest of all
+
+
+def test_full_depth_is_chosen_when_no_cheaper_policy_keeps_the_accuracy():
+    """Every layer but the last is sure of the wrong label."""
+    wrong = [(1, 0.99999)] * 5 + [(0, 0.6)]
+    policy, table = choose_policy(synthetic_probs([wrong] * 4), torch.zeros(4, dtype=torch.long), 0.005)
+    assert policy == "full"
+    assert all(acc == 0 for spec, acc, _ in table if spec != "full")
+
+
+def labelled(sizes):
+    return [(f"{label}/{j}.txt", f"text {label} {j}", y) for y, (label, n) in enumerate(sizes.items())
+            for j in range(n)]
+
+
+def test_a_fractional_split_holds_out_a_share_of_every_label():
+    from data import split
+    docs = labelled({"a": 10, "b": 5, "c": 2})
+    train, held = split(docs, 0.2, seed=0)
+    count = lambda part, y: sum(label == y for *_, label in part)
+    assert [count(held, y) for y in range(3)] == [2, 1, 1]  # a fifth, at least one each
+    assert sorted(train + held) == sorted(docs)
+    assert split(docs, 0.2, seed=0) == (train, held) and split(docs, 0.2, seed=1) != (train, held)
+    train, held = split(docs, 4, seed=0)  # a count: the first of the seeded shuffle
+    assert len(held) == 4 and sorted(train + held) == sorted(docs)
+
+
+def test_a_label_too_small_to_train_and_hold_out_is_one_line():
+    from data import split
+    with pytest.raises(UserError, match="label c has 1 document.s., too few to train on") as e:
+        split(labelled({"a": 10, "c": 1}), 0.2, seed=0)
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def trained(tiny, tmp_path, monkeypatch):
+    """Exit classifiers trained by train_exits.py on a small folder with its defaults: (file, folder)."""
+    import train_exits
+    monkeypatch.chdir(tmp_path)
+    corpus, out = small_corpus(tmp_path / "corpus"), tmp_path / "c.safetensors"
+    train_exits.main(["--checkpoint", str(tiny[4]), "--classify", str(corpus), "--out", str(out),
+                      "--tokens", "16", "--epochs", "1"])
+    return out, corpus
+
+
+def test_bench_measures_classifiers_on_their_own_folder(tiny, trained, tmp_path):
+    import bench
+    out, corpus = trained
+    clf = load_classifier(out, tiny[0])
+    assert clf.meta["held_out"] == "0.2" and clf.meta["held_out_documents"] == "3"  # 1 of 6 per label
+    bench.main(["--checkpoint", str(tiny[4]), "--classifier", str(out), "--labelled", str(corpus),
+                "--json", str(tmp_path / "b.json"), "--plots", str(tmp_path)])
+    records = json.loads((tmp_path / "b.json").read_text())["records"]
+    full = next(r for r in records if r["policy"] == "full")
+    assert [r for r in records if r.get("default")] == \
+        [r for r in records if f"{r['policy']}:{r['setting']}".replace("document-", "") ==
+         clf.meta["policy"] or (r["policy"] == "full" and clf.meta["policy"] == "full")]
+    for r in records:
+        assert r["n"] == 3 and len(r["item_ms"]) == len(r["item_layers"]) == 3
+        assert r["throughput_speedup"] == pytest.approx(sum(full["item_ms"]) / sum(r["item_ms"]), rel=1e-3)
+        assert r["speedup_lo"] <= r["throughput_speedup"] <= r["speedup_hi"]
+        assert r["mean_decision_layer"] == sum(r["item_layers"]) / 3
+    assert (tmp_path / "exit_classify.png").stat().st_size > 0
+
+
+def test_bench_refuses_a_folder_the_classifiers_were_not_trained_on(tiny, trained, tmp_path):
+    import bench
+    out, _ = trained
+    other = write_folder(tmp_path / "other", {"business": {"1.txt": "a b"}, "sport": {"1.txt": "c d"},
+                                              "tech": {"1.txt": "e f"}})
+    with pytest.raises(UserError, match="was not trained on .*other's split"):
+        bench.main(["--checkpoint", str(tiny[4]), "--classifier", str(out), "--labelled", str(other)])
+
+
+def test_sample_labels_a_folder_of_documents(tiny, trained, tmp_path, capsys):
+    import sample
+    out, corpus = trained
+    capsys.readouterr()
+    sample.main(["--checkpoint", str(tiny[4]), "--classify", str(out), "--documents", str(corpus),
+                 str(corpus / "tech" / "0.txt"), "--policy", "patience:2", "--compare",
+                 "--json", str(tmp_path / "labels.json")])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 19 and lines[0].startswith("business/0.txt  ") and "layer" in lines[0]
+    assert lines[-1].startswith(str(corpus / "tech" / "0.txt"))
+    assert "19 documents in" in captured.err and "throughput" in captured.err
+    written = json.loads((tmp_path / "labels.json").read_text())
+    assert written["documents"] == 19 and written["policy"] == "patience:2"
+    assert all(2 <= r["layer"] <= tiny[0].config.n_layers for r in written["rows"])
+    assert written["total_s"] == pytest.approx(sum(r["ms"] for r in written["rows"]) / 1000, abs=1e-3)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.mkdir(), "holds no .txt files"),
+    (lambda d: None, "does not exist"),
+    (lambda d: (d.mkdir(), (d / "a.txt").write_text(" \n")), "is empty; remove it"),
+    (lambda d: (d.mkdir(), (d / "a.txt").write_text("x")), "cannot read .*a.txt .Permission denied"),
+])
+def test_bad_documents_are_refused_in_one_line(tiny, trained, tmp_path, monkeypatch, make, message):
+    import pathlib
+
+    import sample
+    make(tmp_path / "docs")
+    read = pathlib.Path.read_bytes
+    def unreadable(path):  # a permission error even for root, who may read anything
+        if path.name == "a.txt" and path.read_text() == "x":
+            raise PermissionError(13, "Permission denied")
+        return read(path)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", unreadable)
+    with pytest.raises(UserError, match=message) as e:
+        sample.main(["--checkpoint", str(tiny[4]), "--classify", str(trained[0]),
+                     "--documents", str(tmp_path / "docs")])
+    assert "\n" not in str(e.value)
