@@ -50,7 +50,7 @@ from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, lo
 from convert import default_checkpoint
 from data import bbc_news, generated_text, held_out_arg, split, split_fingerprint
 from evaluate import check_output, evaluate, full_reference, ratio_interval, record, report, wilson
-from sample import classify_timed, make_policy, tokens_per_s
+from sample import classify_timed, make_policy, parse_policy, tokens_per_s
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -178,9 +178,10 @@ def run_prefill(model, docs, policies, label_ids=None):
 
 
 def identical(tokens, full_tokens):
-    """(tokens compared, tokens identical) position by position."""
-    pairs = [(a, b) for t, f in zip(tokens, full_tokens) for a, b in zip(t, f)]
-    return len(pairs), sum(a == b for a, b in pairs)
+    """(positions, tokens identical) position by position; where one generation stopped earlier
+    than the other, the positions it lacks count as different."""
+    n = sum(max(len(t), len(f)) for t, f in zip(tokens, full_tokens))
+    return n, sum(a == b for t, f in zip(tokens, full_tokens) for a, b in zip(t, f))
 
 
 GATES = ("confidence", "entropy")  # they run the LM head at every layer: measured on fewer documents
@@ -276,7 +277,8 @@ def exit_classify_policies(model, clf, quick):
     depths = [k for k in ((3,) if quick else (1, 2, 3, 6, 12, 24)) if k < L]
     pols = {("full", None): FullDepth()}
     pols |= {("document-static", k): Static(k, L) for k in depths}
-    pols |= {("confidence", t): DocumentExit(clf, MaxProb(t)) for t in ((0.9,) if quick else (0.9, 0.99))}
+    taus = (0.9,) if quick else (0.9, 0.99)
+    pols |= {("confidence", t): DocumentExit(clf, MaxProb(t)) for t in taus}
     pols |= {("patience", k): DocumentExit(clf, Patience(k)) for k in ((2,) if quick else (2, 3))}
     if clf.router is not None:
         pols |= {("router", 0.5): DocumentExit(clf, RouterGate(clf.router, 0.5))}
@@ -286,9 +288,8 @@ def exit_classify_policies(model, clf, quick):
 
 def spec_key(spec):
     """(policy, setting) of a record from a --policy spelling: patience:2 -> ("patience", 2)."""
-    name, _, value = spec.partition(":")
-    name = "document-static" if name == "static" else name
-    return name, None if not value else int(value) if name in ("document-static", "patience") else float(value)
+    name, setting = parse_policy(spec, {})
+    return "document-static" if name == "static" else name, next(iter(setting.values()), None)
 
 
 def run_exit_classify(model, clf, docs, pols):
@@ -322,37 +323,45 @@ def exit_classify_records(acc, docs, text, default_spec):
         correct = sum(p == y for p, y in zip(a["labels"], truth))
         lo, hi = wilson(correct, n)
         t_lo, t_hi = ratio_interval(full["s"], a["s"])
+        throughput = sum(full["s"]) / sum(a["s"])
         records.append(record(name, setting, "classify-exits", n,
                               sum(p == f for p, f in zip(a["labels"], full["labels"])), a["stats"],
                               text=text, default=(name, setting) == spec_key(default_spec) or None,
                               accuracy=correct / n, accuracy_lo=lo, accuracy_hi=hi,
                               full_accuracy=sum(p == y for p, y in zip(full["labels"], truth)) / n,
                               mean_decision_layer=sum(a["layers"]) / n,
-                              speedup=sum(full["s"]) / sum(a["s"]), speedup_lo=t_lo, speedup_hi=t_hi,
-                              throughput_speedup=sum(full["s"]) / sum(a["s"]),
-                              median_ratio=statistics.median(f / s for f, s in zip(full["s"], a["s"])),
+                              speedup=throughput, speedup_lo=t_lo, speedup_hi=t_hi,
+                              throughput_speedup=throughput,
+                              median_ratio=median_ratio(full["s"], a["s"]),
                               item_ms=[round(1000 * s, 3) for s in a["s"]], item_layers=a["layers"],
                               item_labels=a["labels"]))
     return records
 
 
-def exit_classify(model, tok, path, folder, text, quick):
-    """The classify-exits scenario on the held-out documents the classifiers were trained beside."""
-    clf = load_classifier(path, model)
+def held_out_documents(clf, path, folder):
+    """The held-out documents [(name, text, label)] of the labelled folder the classifiers at `path`
+    were trained beside, refused if that folder's split is not theirs."""
     labels, docs, _ = read_labelled(folder)
     try:
         _, held = split(docs, held_out_arg(clf.meta["held_out"]), int(clf.meta["seed"]))
     except UserError:  # too small to be split as the classifiers' folder was
         held = []
     if labels != clf.labels or split_fingerprint(held) != clf.meta.get("held_out_fingerprint"):
-        raise UserError(f"{path} was not trained on {folder}'s split; give the folder it was trained "
-                        "on with --labelled, or train one on this folder with train_exits.py --classify")
+        raise UserError(f"{path} was not trained on {folder}'s split; give the folder it was "
+                        "trained on with --labelled, or train one on this folder with "
+                        "train_exits.py --classify")
+    return held
+
+
+def exit_classify(model, tok, path, folder, text, quick):
+    """The classify-exits scenario on the held-out documents the classifiers were trained beside."""
+    clf = load_classifier(path, model)
+    held = held_out_documents(clf, path, folder)[:20 if quick else None]
     n_tokens = int(clf.meta["tokens"])
-    held = held[:20] if quick else held
     docs = [(torch.tensor(tok.encode(text)[:n_tokens], device=model.tok_emb.device), y) for _, text, y in held]
     acc = run_exit_classify(model, clf, docs, exit_classify_policies(model, clf, quick))
-    return exit_classify_records(acc, docs, f"{text}, held out ({len(docs)} of {clf.meta['documents']})",
-                                 clf.meta.get("policy", "full"))
+    text = f"{text}, held out ({len(docs)} of {clf.meta['documents']})"
+    return exit_classify_records(acc, docs, text, clf.meta.get("policy", "full"))
 
 
 def plot_exit_classify(records, out_dir):
@@ -371,7 +380,7 @@ def plot_exit_classify(records, out_dir):
     finish_plot(fig, [ax], out_dir / "exit_classify.png")
 
 
-# ----------------------------------------------------------------------------- agreement with full depth by layer
+# ------------------------------------------------------------- agreement with full depth by layer
 
 
 @torch.inference_mode()
@@ -389,28 +398,28 @@ def next_token_by_layer(model, docs, text):
 
 
 def by_layer_record(text, readout, n, agreement, accuracy=None):
+    rounded = lambda xs: None if xs is None else [round(float(x), 5) for x in xs]
     return {"scenario": "by-layer", "text": text, "readout": readout, "n": n,
-            "agreement_by_layer": [round(float(a), 5) for a in agreement],
-            "accuracy_by_layer": None if accuracy is None else [round(float(a), 5) for a in accuracy]}
+            "agreement_by_layer": rounded(agreement), "accuracy_by_layer": rounded(accuracy)}
 
 
-def labels_by_layer(model, tok, clf, folder, count):
-    """Per layer, the share of held-out documents whose head gives full depth's label (and the
-    right one), in two readouts: the mean of rmsnorm(h) over the tokens (the classifier file's
-    heads) and the last token's rmsnorm(h), the convention of transformers' sequence
-    classification (heads fitted here, out of fold on these documents: none sees its own)."""
+def labels_by_layer(model, tok, clf, held, text):
+    """Per layer, the share of held-out documents [(name, text, label)] whose head gives full
+    depth's label (and the right one), in two readouts: the mean of rmsnorm(h) over the tokens
+    (the classifier file's heads) and the last token's rmsnorm(h), the convention of transformers'
+    sequence classification (heads fitted here, out of fold on these documents: none sees its
+    own)."""
     from train_exits import out_of_fold
-    _, held = split(read_labelled(folder)[1], held_out_arg(clf.meta["held_out"]), int(clf.meta["seed"]))
-    held = held[:count]
     y = torch.tensor([label for *_, label in held])
-    pool, last = readouts(model, [tok.encode(text)[:int(clf.meta["tokens"])] for _, text, _ in held])
+    pool, last = readouts(model, [tok.encode(t)[:int(clf.meta["tokens"])] for _, t, _ in held])
     with torch.no_grad():
         probs = {"mean over tokens": torch.stack([clf(i + 1, pool[i]) for i in range(len(pool))])}
     probs["last token"] = out_of_fold(model, clf.labels, last, y)
     records = []
     for readout, p in probs.items():
         label = p.argmax(-1)  # [L, N]
-        records.append(by_layer_record("BBC News, label", readout, len(y), (label == label[-1]).float().mean(1),
+        records.append(by_layer_record(f"{text}, label", readout, len(y),
+                                       (label == label[-1]).float().mean(1),
                                        (label == y).float().mean(1)))
     return records
 
@@ -442,13 +451,16 @@ def plot_by_layer(records, out_dir):
 
 def by_layer(model, tok, classifier, args):
     """--by-layer-only: next tokens of human and generated text, labels of held-out BBC News."""
-    count, n = 8 if args.quick else 64, min(256, model.config.max_seq_len // 2)  # a tiny model's context
+    # a tiny model's context
+    count, n = 8 if args.quick else 64, min(256, model.config.max_seq_len // 2)
+    generated = [ids for ids, _ in generated_documents(model, tok, n, count)]
     records = [next_token_by_layer(model, human_documents(tok, n, count), "human text"),
-               next_token_by_layer(model, [ids for ids, _ in generated_documents(model, tok, n, count)],
-                                   "generated text")]
+               next_token_by_layer(model, generated, "generated text")]
     if classifier:
-        records += labels_by_layer(model, tok, load_classifier(classifier, model), bbc_news(),
-                                   40 if args.quick else 825)
+        clf = load_classifier(classifier, model)
+        folder, text = labelled_folder(args)
+        held = held_out_documents(clf, classifier, folder)[:40 if args.quick else None]
+        records += labels_by_layer(model, tok, clf, held, text)
     if args.plots:
         plot_by_layer(records, Path(args.plots))
     return records
@@ -464,9 +476,10 @@ def finish(args, argv, model, records, t0, meta):
     print(report(table) if table else "")
     for r in records:
         if r["scenario"] == "by-layer":
-            print(f"{r['text']}, {r['readout']} (n = {r['n']}): agreement with full depth at layers 1, 6, "
-                  "12, 18, 24, 29: " + " ".join(f"{r['agreement_by_layer'][i - 1]:.1%}" for i in (1, 6, 12, 18, 24, 29)
-                                               if i <= len(r["agreement_by_layer"])))
+            a = r["agreement_by_layer"]
+            print(f"{r['text']}, {r['readout']} (n = {r['n']}): agreement with full depth at "
+                  "layers " + ", ".join(f"{i}: {a[i - 1]:.1%}"
+                                        for i in (1, 3, 6, 12, 18, 24, 28) if i <= len(a)))
     if args.json:
         meta = {"command": command, "model": model.name, "base_model": model_id(model), "dtype": args.dtype,
                 "device": args.device, "machine": machine, "seconds": round(time.time() - t0)} | meta
@@ -498,17 +511,23 @@ def parse_args(argv):
                    "BBC News ones, for the default model)")
     p.add_argument("--exit-classifiers-only", "--classifier-only", action="store_true",
                    help="classify-exits alone: the exit classifiers on their held-out articles")
-    p.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by layer alone: "
-                   "the LM head's next token, the exit classifiers' label (agreement_by_layer.png)")
-    p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained on "
-                   "(default: BBC News); classify-exits alone, on its held-out documents")
+    p.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by "
+                   "layer alone: the LM head's next token, the exit classifiers' label")
+    p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained "
+                   "on (default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
-    p.add_argument("--plots", help="write speed_quality.png, exit_depths.png and exit_classify.png here")
+    p.add_argument("--plots", help="write speed_quality.png, exit_depths.png, exit_classify.png "
+                   "and agreement_by_layer.png here")
     args = p.parse_args(argv)
     if args.json:
         check_output(args.json, "--json")
     if args.plots:
         check_output(args.plots, "--plots", folder=True)
+    if args.labelled and not args.classifier:
+        raise UserError("--labelled is the folder --classifier was trained on: "
+                        "give --classifier too")
+    if args.by_layer_only and args.exit_classifiers_only:
+        raise UserError("--by-layer-only and --exit-classifiers-only are separate runs; give one")
     if args.tuned_exits and not args.tuning:
         raise UserError("--tuned-exits is the router of the tuned model: give the delta with --tuning too")
     if args.repeats is not None and args.repeats < 1:
@@ -589,13 +608,21 @@ def bench_decode(model, prompts, n_new, policies, repeats, kv_ablation, eos_ids,
             policies, key, scenario, *identical(tokens, full_tokens),
             total([g.decode for g in last(pairs)]), text="chat prompts", kv_fill=fill,
             tokens_per_s=decode_rate(gs), full_tokens_per_s=decode_rate(fs),
-            speedup=decode_rate(gs) / decode_rate(fs), throughput_speedup=decode_rate(gs) / decode_rate(fs),
-            median_ratio=statistics.median(tokens_per_s(g) / tokens_per_s(f) for g, f in pairs),
+            speedup=decode_rate(gs) / decode_rate(fs),
+            throughput_speedup=decode_rate(gs) / decode_rate(fs),
+            median_ratio=median_ratio([1 / tokens_per_s(f) for f in fs],
+                                      [1 / tokens_per_s(g) for g in gs]),
             item_decode_s=[g.decode_s for g in gs], item_tokens=[len(g.tokens) for g in gs],
-            full_item_decode_s=[f.decode_s for f in fs], full_item_tokens=[len(f.tokens) for f in fs],
+            full_item_decode_s=[f.decode_s for f in fs],
+            full_item_tokens=[len(f.tokens) for f in fs],
             item_exit_layers=[g.exit_layers for g in last(pairs)],
             ppl=full_ppl(model, prompts, tokens), full_ppl=full_depth_ppl))
     return records, full_tokens
+
+
+def median_ratio(full_s, s):
+    """The median over items of full depth's time over the policy's: named so, never a headline."""
+    return statistics.median(f / p for f, p in zip(full_s, s))
 
 
 def decode_rate(generations):
@@ -644,6 +671,13 @@ def shipped_files(args):
     return exits, prompt_exits, args.classifier or default(DEFAULT_CLASSIFIER)
 
 
+def labelled_folder(args):
+    """(folder, its name) of the classifiers' labelled documents: --labelled, else BBC News."""
+    if not args.labelled:
+        return bbc_news(), "BBC News"
+    return Path(args.labelled), Path(args.labelled).resolve().name
+
+
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
     ckpt = args.checkpoint or default_checkpoint()
@@ -655,11 +689,11 @@ def main(argv=None):
                       {"classifier": classifier and str(classifier)})
     if args.exit_classifiers_only or args.labelled:
         if not classifier:
-            raise UserError("--exit-classifiers-only needs exit classifiers: give --classifier")
-        folder, text = (Path(args.labelled), Path(args.labelled).name) if args.labelled else \
-            (bbc_news(), "BBC News")
-        return finish(args, argv, model, exit_classify(model, tok, classifier, folder, text, args.quick),
-                      t0, {"classifier": str(classifier), "labelled": str(folder)})
+            raise UserError("classify-exits needs exit classifiers: give --classifier")
+        folder, text = labelled_folder(args)
+        records = exit_classify(model, tok, classifier, folder, text, args.quick)
+        return finish(args, argv, model, records, t0,
+                      {"classifier": str(classifier), "labelled": str(folder)})
     tuned = {"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {}
     plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
     plain.fill_mu = None
@@ -676,8 +710,8 @@ def main(argv=None):
         generated_documents(model, tok, lengths[0], 4 if args.quick else 32)
     sets = prefill_sets(tok, lengths, generated, n_zero_shot, args.quick)
     generate(model, prompts[0], 4, FullDepth())  # warm-up
-    records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats, exits["base"] is not None,
-                                       tok.eos_ids, t0)
+    records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats,
+                                       exits["base"] is not None, tok.eos_ids, t0)
     if not args.zero_shot_only:  # ~3.7K tokens of held-out generated text
         tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
                    "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
@@ -685,10 +719,11 @@ def main(argv=None):
     records += bench_prefill(model, sets, policies, prompt_pols, t0)
     if classifier:
         records += exit_classify(model, tok, classifier, bbc_news(), "BBC News", args.quick)
-    print(f"\n{model.name}: decode: {n_prompts} prompts x {n_new} greedy tokens, each prompt paired with full "
-          f"depth on it just before, median of {repeats} x {n_prompts} pairs; n = scored tokens (decode) or prompts "
-          f"(prefill); ideal = 1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its "
-          f"95% Wilson interval")
+    print(f"\n{model.name}: decode: {n_prompts} prompts, greedy to the end of the turn or {n_new} "
+          f"tokens, each prompt paired with full depth on it just before, {repeats} x {n_prompts} "
+          "pairs; speed-up = throughput; n = scored tokens (decode) or prompts (prefill); ideal = "
+          "1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% "
+          "Wilson interval")
     finish(args, argv, model, records, t0, {"tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
                                             "classifier": classifier and str(classifier), "repeats": repeats})
     if args.plots:

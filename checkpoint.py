@@ -483,15 +483,16 @@ def read_document(f):
 
 
 def read_documents(paths):
-    """[(name, text)] of the .txt files named, and of every .txt file under the folders named
-    (named by their path inside the folder), in that order, each folder's sorted."""
+    """[(path, text)] of the .txt files named, and of every .txt file under the folders named
+    (hidden ones left out), in that order, each folder's sorted."""
     docs = []
     for path in map(Path, paths):
         if path.is_dir():
-            files = sorted(f for f in path.rglob("*.txt") if f.is_file())
+            files = sorted(f for f in path.rglob("*.txt") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(path).parts))
             if not files:
                 raise UserError(f"{path} holds no .txt files; give a folder of .txt documents")
-            docs += [(str(f.relative_to(path)), read_document(f)[0]) for f in files]
+            docs += [(str(f), read_document(f)[0]) for f in files]
         elif path.exists():
             docs.append((str(path), read_document(path)[0]))
         else:

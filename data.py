@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import random
 import sys
 import warnings
@@ -187,30 +188,39 @@ def split(docs, held_out, seed):
     with what was trained on it."""
     order = sorted(range(len(docs)), key=lambda j: docs[j][0])
     random.Random(seed).shuffle(order)
+    if held_out >= len(docs):
+        raise UserError(f"holding out {held_out} of {len(docs)} documents leaves none to train on; "
+                        "lower --held-out")
     if held_out >= 1:
         held = set(order[:held_out])
     else:
         held = set()
         for label in sorted({docs[j][2] for j in order}):
             mine = [j for j in order if docs[j][2] == label]
-            held |= set(mine[:max(1, round(held_out * len(mine)))])
+            held |= set(mine[:max(1, math.floor(held_out * len(mine) + 0.5))])
     train = [docs[j] for j in order if j not in held]
+    trained = {label for *_, label in train}
     for name, _, label in docs:
-        if all(y != label for *_, y in train):
+        if label not in trained:
             count = sum(y == label for *_, y in docs)
-            raise UserError(f"label {name.split('/')[0]} has {count} document(s), too few to train on "
-                            f"after holding out {held_out}; give it more or lower --held-out")
+            raise UserError(f"label {name.split('/')[0]} has {count} document(s), too few to "
+                            f"train on after holding out {held_out}; give it more"
+                            + (" (two at least)" if count == 1 else " or lower --held-out"))
     return train, [docs[j] for j in order if j in held]
 
 
 def held_out_arg(s):
     """--held-out: a fraction in (0, 1) or a count of documents, as a number."""
-    x = float(s)
+    try:
+        x = float(s)
+    except ValueError:
+        x = math.nan
     if 0 < x < 1:
         return x
-    if x >= 1 and x == int(x):
+    if 1 <= x < math.inf and x == int(x):
         return int(x)
-    raise ValueError(f"--held-out must be a fraction in (0, 1) or a whole number of documents, got {s}")
+    raise ValueError(f"--held-out must be a fraction in (0, 1) or a whole number of documents, "
+                     f"got {s}")
 
 
 def split_fingerprint(held):

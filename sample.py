@@ -138,6 +138,7 @@ def check_args(args):
         raise UserError("--json writes the lines of --documents; give them, or drop --json")
     if args.json:
         check_output(args.json, "--json")
+    args.documents_read = read_documents(args.documents) if args.documents else None
     if args.documents:
         if args.prompt is not None:
             raise UserError("--prompt and --documents: give the text one way")
@@ -255,11 +256,13 @@ def classify_main(args, model, tok, t0):
     clf = load_classifier(args.classify, model)
     load_fill(model, args.fill)
     spec = args.policy or clf.meta.get("policy", "confidence:0.9")  # the policy the file ships
-    if not args.policy and (args.threshold is not None or args.exit_layer is not None):
+    flag = args.threshold if args.threshold is not None else args.exit_layer
+    if not args.policy and flag is not None:
         spec = spec.partition(":")[0]  # a flag sets the file's policy's own setting
     policy = make_policy(spec, model, args.threshold, args.min_layer, args.exit_layer,
                          args.exits, classifier=clf)
-    docs = read_documents(args.documents) if args.documents else [("prompt", args.prompt)]
+    spec += f":{flag}" if ":" not in spec and flag is not None else ""
+    docs = args.documents_read or [("prompt", args.prompt)]
     n_tokens, L = int(clf.meta.get("tokens", 256)), model.config.n_layers
     docs = [(name, torch.tensor(tok.encode(text)[:n_tokens], device=model.tok_emb.device))
             for name, text in docs]
@@ -319,7 +322,8 @@ def summarise(rows, spec, json_path):
     total = sum(r["ms"] for r in rows) / 1000
     summary = {"policy": spec, "documents": len(rows), "total_s": round(total, 3),
                "mean_layer": sum(r["layer"] for r in rows) / len(rows)}
-    line = f"{len(rows)} documents in {total:.2f} s, mean decision layer {summary['mean_layer']:.1f}"
+    line = (f"{len(rows)} documents in {total:.2f} s, mean decision layer "
+            f"{summary['mean_layer']:.1f}")
     if "full_ms" in rows[0]:
         full = sum(r["full_ms"] for r in rows) / 1000
         agree = sum(r["label"] == r["full_label"] for r in rows)

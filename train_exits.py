@@ -47,10 +47,11 @@ from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fi
                         model_id, read_labelled, save_classifier, save_router, save_safetensors,
                         run)
 from convert import default_checkpoint
-from data import (chunks, docstrings, generated_text, held_out_arg, read_text, resume, save_atomic, split,
-                  split_fingerprint)
+from data import (chunks, docstrings, generated_text, held_out_arg, read_text, resume, save_atomic,
+                  split, split_fingerprint)
 from evaluate import ALL_GATES, GATES, THRESHOLDS, check_output, evaluate, full_reference, report, sweep
 from kv_cache import skipped_kv
+from sample import parse_policy
 
 
 def build_data(model, tok, args):
@@ -235,25 +236,28 @@ def out_of_fold(model, labels, feats, y, folds=5, seed=0):
 def candidates(L):
     """The document policies a classifier file may ship, as sample.py's --policy spells them; at
     equal cost and accuracy the first is chosen: the simplest."""
-    return ([f"static:{k}" for k in range(1, L)] + [f"patience:{k}" for k in range(2, min(6, L - 1) + 1)]
-            + [f"confidence:{t}" for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)]
+    return ([f"static:{k}" for k in range(1, L)]
+            + [f"patience:{k}" for k in range(2, min(6, L - 1) + 1)]
+            + [f"confidence:{t}"
+               for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)]
             + ["full"])
 
 
 def decision_layers(probs, spec):
     """The layer [N] (1-based) each document is read at under a policy, from every layer's label
-    probabilities [L, N, C]: the first layer its gate settles at, as adept's gates decide, else L."""
+    probabilities [L, N, C]: the first layer its gate settles at, as adept's gates decide, else
+    L."""
     L, N = probs.shape[:2]
-    name, _, value = spec.partition(":")
+    name, s = parse_policy(spec, {})
     if name in ("static", "full"):
-        return torch.full((N,), int(value or L))
+        return torch.full((N,), s.get("exit_layer", L))
     if name == "confidence":
-        settled = probs.max(-1).values >= float(value)
+        settled = probs.max(-1).values >= s["threshold"]
     else:  # patience: the same label k layers in a row
         label, run = probs.argmax(-1), torch.ones(L, N)
         for i in range(1, L):
             run[i] = torch.where(label[i] == label[i - 1], run[i - 1] + 1, 1)
-        settled = run >= int(value)
+        settled = run >= s["patience"]
     settled[-1] = True
     return settled.float().argmax(0) + 1
 
@@ -261,15 +265,15 @@ def decision_layers(probs, spec):
 def choose_policy(probs, y, budget):
     """The cheapest candidate (lowest mean decision layer, which time follows) whose accuracy on
     out-of-fold probabilities [L, N, C] is within `budget` of full depth's: (policy, table), the
-    table a row (policy, accuracy, mean decision layer) per candidate. Full depth always qualifies."""
-    table = []
+    table a row (policy, accuracy, mean decision layer, within budget) per candidate. Full depth,
+    the last, always qualifies."""
+    rows = []
     for spec in candidates(probs.shape[0]):
         d = decision_layers(probs, spec)
         right = probs[d - 1, torch.arange(len(y))].argmax(-1) == y
-        table.append((spec, int(right.sum()) / len(y), int(d.sum()) / len(y)))
-    full = table[-1][1]
-    ok = [row for row in table if row[1] >= full - budget - 1e-9]
-    return min(ok, key=lambda row: (row[2], -row[1]))[0], table
+        rows.append((spec, int(right.sum()) / len(y), int(d.sum()) / len(y)))
+    table = [(*row, row[1] >= rows[-1][1] - budget - 1e-9) for row in rows]
+    return min((row for row in table if row[3]), key=lambda row: (row[2], -row[1]))[0], table
 
 
 def train_classify(model, tok, args, out, runs):
@@ -292,11 +296,13 @@ def train_classify(model, tok, args, out, runs):
     clf = fit_heads(ExitClassifier(model.config, labels), feats, y)
     clf.router = train_gate_router(model, clf, feats, probs, args)
     meta = {"base_model": model_id(model), "pooling": POOLING, "tokens": args.tokens,
-            "policy": policy, "budget_points": args.budget, "router_threshold": 0.5, "seed": args.seed,
-            "held_out": args.held_out, "held_out_documents": len(held), "documents": len(docs),
+            "policy": policy, "budget_points": args.budget, "router_threshold": 0.5,
+            "seed": args.seed, "held_out": args.held_out, "held_out_documents": len(held),
+            "documents": len(docs),
             "read": notes, "held_out_fingerprint": split_fingerprint(held),
-            "out_of_fold": json.dumps([{"policy": p, "accuracy": round(a, 5),
-                                        "mean_decision_layer": round(m, 3)} for p, a, m in table]),
+            "out_of_fold": json.dumps([{"policy": p, "accuracy": round(a, 5), "within_budget": ok,
+                                        "mean_decision_layer": round(m, 3)}
+                                       for p, a, m, ok in table]),
             "lam": args.lam, "beta": args.beta}
     save_classifier(clf, out, meta)
     print(f"wrote {out} ({time.time() - t0:.0f}s); its policy: {policy}", file=sys.stderr)
@@ -308,9 +314,9 @@ def print_policies(table, chosen, budget, n):
     print(f"out-of-fold, {n} documents: full depth {full:.1%}; budget {budget} points below it",
           file=sys.stderr)
     print(f"  {'policy':<18} {'accuracy':>8} {'mean layer':>10}", file=sys.stderr)
-    for spec, acc, layer in table:
+    for spec, acc, layer, within in table:
         mark = "  <- shipped: the cheapest within budget" if spec == chosen else \
-            "" if acc >= full - budget / 100 - 1e-9 else "  (over budget)"
+            "" if within else "  (over budget)"
         print(f"  {spec:<18} {acc:>8.1%} {layer:>10.2f}{mark}", file=sys.stderr)
 
 
@@ -360,10 +366,11 @@ def parse_args(argv):
     k.add_argument("--classify", metavar="DIR", help="train exit classifiers on this folder (one subfolder of "
                    ".txt files per label) and write them to --out")
     k.add_argument("--tokens", type=int, default=256, help="each document's first tokens that are read")
-    k.add_argument("--held-out", default="0.2", help="documents held out of training: a fraction of "
-                   "each label (default 0.2, at least one each) or a count; seeded by --seed")
-    k.add_argument("--budget", type=float, default=0.5, help="the shipped policy is the cheapest whose "
-                   "out-of-fold accuracy is at most this many points below full depth's (default 0.5)")
+    k.add_argument("--held-out", default="0.2", help="documents held out of training: a fraction "
+                   "of each label (default 0.2, at least one each) or a count; seeded by --seed")
+    k.add_argument("--budget", type=float, default=0.5, help="the shipped policy is the cheapest "
+                   "whose out-of-fold accuracy is at most this many points below full depth's "
+                   "(default 0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--all-gates", action="store_true", help="sweep 5 settings of the confidence and entropy "

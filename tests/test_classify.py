@@ -284,8 +284,11 @@ def test_train_exits_classify_writes_classifiers_that_sample_reads(tiny, tmp_pat
 
 @pytest.mark.parametrize("extra, message", [
     (["--eval"], "--classify and --eval are separate runs"),
-    (["--held-out", "18"], "label business has 6 document.s., too few to train on after holding out 18"),
-    (["--held-out", "1.5"], "--held-out must be a fraction in .0, 1. or a whole number of documents"),
+    (["--held-out", "18"], "holding out 18 of 18 documents leaves none to train on"),
+    (["--held-out", "17"],
+     "label [a-z]+ has 6 document.s., too few to train on after holding out 17"),
+    (["--held-out", "1.5"],
+     "--held-out must be a fraction in .0, 1. or a whole number of documents"),
     (["--budget", "-1"], "--budget must be in .0, 100."),
 ])
 def test_train_exits_classify_refuses_bad_settings(tiny, tmp_path, monkeypatch, extra, message):
@@ -319,13 +322,15 @@ def test_bench_classify_exits_records_accuracy_agreement_and_speed(tiny):
     docs = [(document(model, seed=s), s % 3) for s in range(4)]
     pols = exit_classify_policies(model, clf, quick=True)
     acc = run_exit_classify(model, clf, docs, pols)
-    records = {(r["policy"], r["setting"]): r for r in exit_classify_records(acc, docs, "tiny", "patience:3")}
+    records = {(r["policy"], r["setting"]): r
+               for r in exit_classify_records(acc, docs, "tiny", "patience:3")}
     full = records[("full", None)]
     assert full["agreement"] == 1 and full["mean_decision_layer"] == model.config.n_layers
     assert records[("document-static", 3)]["mean_decision_layer"] == 3
     assert [key for key, r in records.items() if r["default"]] == [("patience", 3)]
     for r in records.values():
-        assert r["n"] == len(r["item_ms"]) == 4 and 0 <= r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] <= 1
+        assert (r["n"] == len(r["item_ms"]) == 4
+                and 0 <= r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"] <= 1)
         assert r["full_accuracy"] == full["accuracy"] and r["throughput_speedup"] > 0
 
 
@@ -344,8 +349,9 @@ def test_the_cheapest_policy_within_budget_is_chosen():
     easy, hard = [(0, 0.96)] * 6, [(1, 0.7)] * 2 + [(0, 0.96)] * 4
     probs, y = synthetic_probs([easy] * 7 + [hard] * 3), torch.zeros(10, dtype=torch.long)
     policy, table = choose_policy(probs, y, budget=0.005)
-    rows = {spec: (acc, layer) for spec, acc, layer in table}
-    assert rows["full"] == (1.0, 6) and rows["static:1"] == (0.7, 1) and rows["static:3"] == (1.0, 3)
+    rows = {spec: (acc, layer) for spec, acc, layer, _ in table}
+    assert (rows["full"] == (1.0, 6) and rows["static:1"] == (0.7, 1)
+            and rows["static:3"] == (1.0, 3))
     assert rows["confidence:0.7"][0] == 0.7  # 0.7 is sure enough for the wrong label
     assert rows["confidence:0.8"] == (1.0, pytest.approx(1.6))  # easy ones at 1, hard ones at 3
     assert rows["patience:2"] == (0.7, 2) and rows["patience:3"] == (1.0, pytest.approx(3.6))
@@ -358,14 +364,15 @@ def test_the_cheapest_policy_within_budget_is_chosen():
 def test_full_depth_is_chosen_when_no_cheaper_policy_keeps_the_accuracy():
     """Every layer but the last is sure of the wrong label."""
     wrong = [(1, 0.99999)] * 5 + [(0, 0.6)]
-    policy, table = choose_policy(synthetic_probs([wrong] * 4), torch.zeros(4, dtype=torch.long), 0.005)
+    policy, table = choose_policy(synthetic_probs([wrong] * 4), torch.zeros(4, dtype=torch.long),
+                                  0.005)
     assert policy == "full"
-    assert all(acc == 0 for spec, acc, _ in table if spec != "full")
+    assert all(acc == 0 and not within for spec, acc, _, within in table if spec != "full")
 
 
 def labelled(sizes):
-    return [(f"{label}/{j}.txt", f"text {label} {j}", y) for y, (label, n) in enumerate(sizes.items())
-            for j in range(n)]
+    return [(f"{label}/{j}.txt", f"text {label} {j}", y)
+            for y, (label, n) in enumerate(sizes.items()) for j in range(n)]
 
 
 def test_a_fractional_split_holds_out_a_share_of_every_label():
@@ -389,7 +396,8 @@ def test_a_label_too_small_to_train_and_hold_out_is_one_line():
 
 @pytest.fixture
 def trained(tiny, tmp_path, monkeypatch):
-    """Exit classifiers trained by train_exits.py on a small folder with its defaults: (file, folder)."""
+    """Exit classifiers trained by train_exits.py on a small folder with its defaults:
+    (file, folder)."""
     import train_exits
     monkeypatch.chdir(tmp_path)
     corpus, out = small_corpus(tmp_path / "corpus"), tmp_path / "c.safetensors"
@@ -402,7 +410,8 @@ def test_bench_measures_classifiers_on_their_own_folder(tiny, trained, tmp_path)
     import bench
     out, corpus = trained
     clf = load_classifier(out, tiny[0])
-    assert clf.meta["held_out"] == "0.2" and clf.meta["held_out_documents"] == "3"  # 1 of 6 per label
+    assert (clf.meta["held_out"] == "0.2"
+            and clf.meta["held_out_documents"] == "3")  # 1 of 6 per label
     bench.main(["--checkpoint", str(tiny[4]), "--classifier", str(out), "--labelled", str(corpus),
                 "--json", str(tmp_path / "b.json"), "--plots", str(tmp_path)])
     records = json.loads((tmp_path / "b.json").read_text())["records"]
@@ -412,7 +421,8 @@ def test_bench_measures_classifiers_on_their_own_folder(tiny, trained, tmp_path)
          clf.meta["policy"] or (r["policy"] == "full" and clf.meta["policy"] == "full")]
     for r in records:
         assert r["n"] == 3 and len(r["item_ms"]) == len(r["item_layers"]) == 3
-        assert r["throughput_speedup"] == pytest.approx(sum(full["item_ms"]) / sum(r["item_ms"]), rel=1e-3)
+        assert r["throughput_speedup"] == pytest.approx(sum(full["item_ms"]) / sum(r["item_ms"]),
+                                                        rel=1e-3)
         assert r["speedup_lo"] <= r["throughput_speedup"] <= r["speedup_hi"]
         assert r["mean_decision_layer"] == sum(r["item_layers"]) / 3
     assert (tmp_path / "exit_classify.png").stat().st_size > 0
@@ -421,10 +431,12 @@ def test_bench_measures_classifiers_on_their_own_folder(tiny, trained, tmp_path)
 def test_bench_refuses_a_folder_the_classifiers_were_not_trained_on(tiny, trained, tmp_path):
     import bench
     out, _ = trained
-    other = write_folder(tmp_path / "other", {"business": {"1.txt": "a b"}, "sport": {"1.txt": "c d"},
+    other = write_folder(tmp_path / "other", {"business": {"1.txt": "a b"},
+                                              "sport": {"1.txt": "c d"},
                                               "tech": {"1.txt": "e f"}})
     with pytest.raises(UserError, match="was not trained on .*other's split"):
-        bench.main(["--checkpoint", str(tiny[4]), "--classifier", str(out), "--labelled", str(other)])
+        bench.main(["--checkpoint", str(tiny[4]), "--classifier", str(out),
+                    "--labelled", str(other)])
 
 
 def test_sample_labels_a_folder_of_documents(tiny, trained, tmp_path, capsys):
@@ -436,20 +448,23 @@ def test_sample_labels_a_folder_of_documents(tiny, trained, tmp_path, capsys):
                  "--json", str(tmp_path / "labels.json")])
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert len(lines) == 19 and lines[0].startswith("business/0.txt  ") and "layer" in lines[0]
+    assert len(lines) == 19 and lines[0].startswith(f"{corpus / 'business' / '0.txt'}  ")
+    assert "layer" in lines[0]
     assert lines[-1].startswith(str(corpus / "tech" / "0.txt"))
     assert "19 documents in" in captured.err and "throughput" in captured.err
     written = json.loads((tmp_path / "labels.json").read_text())
     assert written["documents"] == 19 and written["policy"] == "patience:2"
     assert all(2 <= r["layer"] <= tiny[0].config.n_layers for r in written["rows"])
-    assert written["total_s"] == pytest.approx(sum(r["ms"] for r in written["rows"]) / 1000, abs=1e-3)
+    assert written["total_s"] == pytest.approx(sum(r["ms"] for r in written["rows"]) / 1000,
+                                               abs=1e-3)
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: d.mkdir(), "holds no .txt files"),
     (lambda d: None, "does not exist"),
     (lambda d: (d.mkdir(), (d / "a.txt").write_text(" \n")), "is empty; remove it"),
-    (lambda d: (d.mkdir(), (d / "a.txt").write_text("x")), "cannot read .*a.txt .Permission denied"),
+    (lambda d: (d.mkdir(), (d / "a.txt").write_text("x")),
+     "cannot read .*a.txt .Permission denied"),
 ])
 def test_bad_documents_are_refused_in_one_line(tiny, trained, tmp_path, monkeypatch, make, message):
     import pathlib
@@ -472,13 +487,15 @@ def test_agreement_by_layer_reaches_one_at_the_last_layer(tiny, trained, tmp_pat
     import bench
     model, tok = tiny[0], tiny[1]
     out, corpus = trained
-    records = bench.labels_by_layer(model, tok, load_classifier(out, model), corpus, 3)
+    clf = load_classifier(out, model)
+    records = bench.labels_by_layer(model, tok, clf, bench.held_out_documents(clf, out, corpus),
+                                    "small")
     assert [r["readout"] for r in records] == ["mean over tokens", "last token"]
     for r in records:
         assert r["n"] == 3 and len(r["agreement_by_layer"]) == model.config.n_layers
         assert r["agreement_by_layer"][-1] == 1 and all(0 <= a <= 1 for a in r["accuracy_by_layer"])
-    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--by-layer-only", "--json", str(tmp_path / "l.json"),
-                "--plots", str(tmp_path)])
+    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--by-layer-only",
+                "--json", str(tmp_path / "l.json"), "--plots", str(tmp_path)])
     records = json.loads((tmp_path / "l.json").read_text())["records"]
     assert [r["text"] for r in records] == ["human text, next token", "generated text, next token"]
     assert all(r["agreement_by_layer"][-1] == 1 and r["n"] == 8 * 64 for r in records)
