@@ -2,7 +2,8 @@
 
 Each generated token is shown with the depth at which it exited (coloured on a
 terminal, `text[depth]` otherwise), then a summary of layers used and speed.
-With --classify FILE the prompt is read as a document and labelled by exit classifiers.
+With --classify FILE the prompt is read as a document and labelled by exit classifiers;
+with --documents PATH... as well, every .txt file there is, a line each, then the totals.
 """
 import argparse
 import json
