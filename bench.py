@@ -170,7 +170,8 @@ def run_prefill(model, docs, policies, label_ids=None):
         m = {"kl": kl / n, "tokens_per_s": tokens / s, "full_tokens_per_s": tokens / full_s,
              "speedup": full_s / s, "throughput_speedup": full_s / s,
              "item_ms": [round(1000 * row[2], 3) for row in r],
-             "full_item_ms": [round(1000 * row[3], 3) for row in r]}
+             "full_item_ms": [round(1000 * row[3], 3) for row in r],
+             "item_agree": [row[0] for row in r]}  # per document: a paired test between policies
         if label_ids:
             m |= {"accuracy": correct / n, "full_accuracy": full_correct / n, "margin": margin / n}
         out[key] = (n, agree, stats[key], m)

@@ -106,6 +106,12 @@ def test_bench_quick_writes_records_in_the_schema(tiny, tmp_path, monkeypatch):
             assert rec["agreement"] == 1 and rec["mean_exit_layer"] == c.n_layers
         if rec["scenario"].startswith("prefill"):
             assert rec["tokens_per_s"] > 0 and rec["speedup"] > 0 and rec["kl"] >= -1e-6  # KL >= 0 up to float rounding
+            assert len(rec["item_ms"]) == len(rec["item_agree"]) == rec["n"]
+            assert sum(rec["item_agree"]) == round(rec["agreement"] * rec["n"])
+            assert rec["throughput_speedup"] == pytest.approx(sum(rec["full_item_ms"]) / sum(rec["item_ms"]),
+                                                              rel=1e-3)
+        if rec["scenario"] == "decode":
+            assert rec["throughput_speedup"] > 0 and len(rec["item_tokens"]) == len(rec["item_decode_s"])
         if rec["scenario"] == "decode-tf":
             assert rec["ppl"] > 1 and rec["full_ppl"] > 1
     prefill = {(rec["text"], rec["policy"]): rec["n"] for rec in records if rec["scenario"] == "prefill-64"}
