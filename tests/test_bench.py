@@ -140,3 +140,23 @@ def test_bench_cli_reports_bad_input_in_one_line(tiny, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--prefill-lengths must be >= 2" in lines[0], r.stderr
+
+
+def test_paired_test_of_two_policies_by_hand():
+    token = {"item_agree": [1, 1, 1, 0], "agreement": 0.75, "setting": 24, "text": "t", "throughput_speedup": 1.2}
+    prompt = {"item_agree": [0, 0, 0, 0], "agreement": 0.0, "setting": 25, "text": "t", "throughput_speedup": 1.2}
+    r = bench.paired(token, prompt)
+    assert r["difference"] == 0.75 and r["mcnemar_p"] == 0.25  # 3 discordant pairs, all one way: 2 / 2**3
+    assert r["difference_lo"] < 0.75 < r["difference_hi"]
+    assert bench.paired(token, token)["mcnemar_p"] == 1.0
+
+
+def test_token_vs_prompt_pairs_policies_on_the_same_documents(tiny, tmp_path):
+    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--token-vs-prompt-only", "--json",
+                str(tmp_path / "t.json")])
+    records = json.loads((tmp_path / "t.json").read_text())["records"]
+    pairs = [r for r in records if r["scenario"] == "token-vs-prompt"]
+    assert len(pairs) == 5 and all(r["n"] == 16 and 0 <= r["mcnemar_p"] <= 1 for r in pairs)
+    for r in pairs:
+        assert r["difference"] == pytest.approx(r["token_agreement"] - r["prompt_agreement"])
+    assert {r["policy"] for r in records if r["scenario"] == "prefill-64"} == {"full", "static", "prompt-static"}
