@@ -566,6 +566,8 @@ def parse_args(argv):
                    help="classify-exits alone: the exit classifiers on their held-out articles")
     p.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by "
                    "layer alone: the LM head's next token, the exit classifiers' label")
+    p.add_argument("--decode-only", action="store_true", help="free-running decode alone (and its "
+                   "K/V ablation)")
     p.add_argument("--token-vs-prompt-only", action="store_true", help="prefill alone: token-level "
                    "exit against prompt-level exit at equal speed, with paired tests")
     p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained "
@@ -763,18 +765,18 @@ def main(argv=None):
     lengths = sorted({n if n <= context else context // 2 for n in args.prefill_lengths or [256]})  # a tiny model
     n_zero_shot = args.zero_shot_docs if args.zero_shot_docs is not None else \
         0 if args.checkpoint else 10 if args.quick else 200
-    generated = None if args.zero_shot_only else \
+    generated = None if args.zero_shot_only or args.decode_only else \
         generated_documents(model, tok, lengths[0], 4 if args.quick else 32)
     sets = prefill_sets(tok, lengths, generated, n_zero_shot, args.quick)
     generate(model, prompts[0], 4, FullDepth())  # warm-up
     records, full_tokens = bench_decode(model, prompts, n_new, policies, repeats,
                                        exits["base"] is not None, tok.eos_ids, t0)
-    if not args.zero_shot_only:  # ~3.7K tokens of held-out generated text
+    if not (args.zero_shot_only or args.decode_only):  # ~3.7K tokens of held-out generated text
         tf_sets = {"chat prompts": ([(p + t, len(p)) for p, t in zip(prompts, full_tokens)], len(prompts)),
                    "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
         records += bench_teacher_forced(model, tf_sets, policies, t0)
-    records += bench_prefill(model, sets, policies, prompt_pols, t0)
-    if classifier:
+    records += [] if args.decode_only else bench_prefill(model, sets, policies, prompt_pols, t0)
+    if classifier and not args.decode_only:
         records += exit_classify(model, tok, classifier, bbc_news(), "BBC News", args.quick)
     print(f"\n{model.name}: decode: {n_prompts} prompts, greedy to the end of the turn or {n_new} "
           f"tokens, each prompt paired with full depth on it just before, {repeats} x {n_prompts} "
