@@ -160,3 +160,13 @@ def test_token_vs_prompt_pairs_policies_on_the_same_documents(tiny, tmp_path):
     for r in pairs:
         assert r["difference"] == pytest.approx(r["token_agreement"] - r["prompt_agreement"])
     assert {r["policy"] for r in records if r["scenario"] == "prefill-64"} == {"full", "static", "prompt-static"}
+
+
+def test_decode_only_writes_throughput_records_of_decode_alone(tiny, tmp_path):
+    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--decode-only", "--json", str(tmp_path / "d.json")])
+    records = json.loads((tmp_path / "d.json").read_text())["records"]
+    assert {r["scenario"] for r in records} == {"decode"}
+    for r in records:
+        rate = lambda s, n: sum(k - 1 for k in n) / sum(s)  # decoded tokens per second
+        assert r["throughput_speedup"] == pytest.approx(rate(r["item_decode_s"], r["item_tokens"]) /
+                                                        rate(r["full_item_decode_s"], r["full_item_tokens"]))
