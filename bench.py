@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, RouterGate, Static, Stats,
-                   classify, forward_tokens, generate, pooled, sync)
+                   classify, forward_tokens, generate, sync)
 from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
                         load_tuning, model_id, read_labelled, run)
 from convert import default_checkpoint
@@ -348,6 +348,11 @@ def exit_classify_records(acc, docs, text, default_spec):
 PAIRS = ((12, 15), (16, 19), (20, 22), (24, 25), (27, 28))
 
 
+def document_length(model, n=256):
+    """n tokens, or half the context of a model too small for them (the tiny test models)."""
+    return min(n, model.config.max_seq_len // 2)
+
+
 def token_vs_prompt(model, tok, quick):
     """The paper's comparison in prefill: prompt-level exit (every token, the read position
     included, leaves at k) against token-level exit (the prompt's tokens leave at k' with the
@@ -356,7 +361,7 @@ def token_vs_prompt(model, tok, quick):
     test. Returns the prefill records and one record per pair."""
     L = model.config.n_layers
     pairs = sorted({(max(1, round(a * L / 30)), max(1, round(b * L / 30))) for a, b in PAIRS})
-    n = min(256, model.config.max_seq_len // 2)  # a tiny model's context
+    n = document_length(model)
     pols = {("base", "static", k): (model, Static(k, L)) for _, k in pairs}
     pols |= {("base", "prompt-static", k): (model, PromptPolicy(Static(k, L), FullDepth(), "last"))
              for k, _ in pairs}
@@ -456,7 +461,7 @@ def labels_by_layer(model, tok, clf, held, text):
     (the classifier file's heads) and the last token's rmsnorm(h), the convention of transformers'
     sequence classification (heads fitted here, out of fold on these documents: none sees its
     own)."""
-    from train_exits import out_of_fold
+    from train_exits import out_of_fold, readouts
     y = torch.tensor([label for *_, label in held])
     pool, last = readouts(model, [tok.encode(t)[:int(clf.meta["tokens"])] for _, t, _ in held])
     with torch.no_grad():
@@ -469,19 +474,6 @@ def labels_by_layer(model, tok, clf, held, text):
                                        (label == label[-1]).float().mean(1),
                                        (label == y).float().mean(1)))
     return records
-
-
-@torch.inference_mode()
-def readouts(model, docs):
-    """Every layer's features of documents [ids]: the mean of rmsnorm(h) over the tokens, and the
-    last token's rmsnorm(h), each [L, N, D]."""
-    pool, last = [], []
-    for ids in docs:
-        hs = []
-        model(torch.tensor([ids], device=model.tok_emb.device), hidden_states=hs)
-        pool.append(torch.stack([pooled(model, h[0]) for h, *_ in hs]).float().cpu())
-        last.append(torch.stack([pooled(model, h[0, -1:]) for h, *_ in hs]).float().cpu())
-    return torch.stack(pool, 1), torch.stack(last, 1)
 
 
 def plot_by_layer(records, out_dir):
@@ -498,8 +490,7 @@ def plot_by_layer(records, out_dir):
 
 def by_layer(model, tok, classifier, args):
     """--by-layer-only: next tokens of human and generated text, labels of held-out BBC News."""
-    # a tiny model's context
-    count, n = 8 if args.quick else 64, min(256, model.config.max_seq_len // 2)
+    count, n = 8 if args.quick else 64, document_length(model)
     generated = [ids for ids, _ in generated_documents(model, tok, n, count)]
     records = [next_token_by_layer(model, human_documents(tok, n, count), "human text"),
                next_token_by_layer(model, generated, "generated text")]
@@ -762,7 +753,7 @@ def main(argv=None):
     prompts = [tok.prompt(q) for q in PROMPTS[:n_prompts]]
     policies = make_policies({"base": model} | tuned, plain, exits, L)
     prompt_pols = make_prompt_policies(model, plain, prompt_exits, L, args.quick)  # files refused now
-    lengths = sorted({n if n <= context else context // 2 for n in args.prefill_lengths or [256]})  # a tiny model
+    lengths = sorted({n if n <= context else context // 2 for n in args.prefill_lengths or [256]})
     n_zero_shot = args.zero_shot_docs if args.zero_shot_docs is not None else \
         0 if args.checkpoint else 10 if args.quick else 200
     generated = None if args.zero_shot_only or args.decode_only else \

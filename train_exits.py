@@ -196,12 +196,23 @@ def document_features(model, tok, docs, n_tokens, ckpt=None, recipe=None):
     state = resume(ckpt, recipe) or {"feats": {}, "recipe": recipe}
     for j, (name, text, _) in enumerate(tqdm(docs, desc="features", leave=False)):
         if name not in state["feats"]:
-            hs, ids = [], torch.tensor([tok.encode(text)[:n_tokens]], device=model.tok_emb.device)
-            model(ids, hidden_states=hs)
-            state["feats"][name] = torch.stack([pooled(model, h[0]) for h, *_ in hs]).float().cpu()
+            state["feats"][name] = readouts(model, [tok.encode(text)[:n_tokens]])[0][:, 0]
         if ckpt and (j % 100 == 99 or j == len(docs) - 1):
             save_atomic(state, ckpt)
     return torch.stack([state["feats"][name] for name, *_ in docs], 1)
+
+
+@torch.inference_mode()
+def readouts(model, docs):
+    """Every layer's features of documents [ids] from one full-depth pass each: the mean of
+    rmsnorm(h) over the tokens, and the last token's rmsnorm(h), each [L, N, D]."""
+    pool, last = [], []
+    for ids in docs:
+        hs = []
+        model(torch.tensor([ids], device=model.tok_emb.device), hidden_states=hs)
+        pool.append(torch.stack([pooled(model, h[0]) for h, *_ in hs]).float().cpu())
+        last.append(torch.stack([pooled(model, h[0, -1:]) for h, *_ in hs]).float().cpu())
+    return torch.stack(pool, 1), torch.stack(last, 1)
 
 
 def fit_heads(clf, feats, y, steps=300, lr=0.05, weight_decay=1e-3):
