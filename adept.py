@@ -26,7 +26,7 @@ from kv_cache import fill_decoupled, fill_layer, fill_sequential
 
 @dataclass
 class Stats:
-    """Work done, in multiply-accumulates (MACs), split by where it went."""
+    """Work done, in multiply-accumulates (MACs) split by where it went, and in bytes read."""
     tokens: int = 0
     layers: int = 0          # sum over tokens of layers computed (= exit layers)
     layer_macs: int = 0      # projections, MLP and attention of computed layers
@@ -34,6 +34,9 @@ class Stats:
     fill_macs: int = 0       # K/V projections of skipped layers
     head_macs: int = 0       # the LM head that produces the token's logits
     full_macs: int = 0       # what full depth would have cost the same tokens
+    weight_bytes: int = 0    # weights read: each layer run, K/V columns filled, heads, routers
+    kv_bytes: int = 0        # the K/V cache read by attention
+    full_bytes: int = 0      # what full depth would have read for the same tokens
 
     @property
     def total_macs(self):
@@ -62,15 +65,21 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     bookkeeping (and of host-device syncs). Token j at position p ran layers 1..e_j
     (each: projections, MLP, and attention over p + 1 positions), was asked by the
     policy at layers min_layer..min(e_j, L-1), and had layers e_j+1..L filled (lazily: only
-    those up to the deepest layer any token ran).
+    those up to the deepest layer any token ran). Bytes: a layer's weights are read once per
+    call if any token runs it, whatever the number of rows, and so are the K/V columns of each
+    layer a fill computes (once per exit layer), the head and the policy's weights per layer
+    asked; attention reads the cache's K/V up to the call's last position at each layer run.
     """
     c, L, e = model.config, model.config.n_layers, exit_layer
     projections = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
     per_layer = projections + 2 * c.q_dim * (pos + 1)  # [n]
     filled = {"none": 0 * e, "lazy": e.max() - e}.get(fill, L - e)  # skipped layers given K/V
-    layers, layer_work, router_work, skipped, full = torch.stack([  # one read-back for all five
-        e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(), L * per_layer.sum()
-    ]).tolist()
+    at = torch.arange(L, device=e.device)  # the exit layers below L that occur, once each:
+    exits = torch.zeros(L + 1, dtype=torch.long, device=e.device).index_fill_(0, e, 1)[:L]
+    fills = {"none": 0 * at, "lazy": (e.max() - at).clamp(min=0)}.get(fill, L - at) * exits
+    layers, layer_work, router_work, skipped, full, deepest, fill_reads = torch.stack([
+        e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(), L * per_layer.sum(),
+        e.max(), fills.sum()]).tolist()  # one read-back for all seven
     heads = n_logits * c.dim * c.vocab_size
     stats.tokens += len(e)
     stats.layers += layers
@@ -79,6 +88,12 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     stats.fill_macs += skipped * c.dim * 2 * c.kv_dim
     stats.head_macs += heads
     stats.full_macs += full + heads
+    b, head = model.tok_emb.element_size(), c.dim * c.vocab_size * (n_logits > 0)
+    kv_per_layer = (int(pos[-1]) + 1) * 2 * c.kv_dim * b
+    stats.weight_bytes += b * (deepest * projections + fill_reads * c.dim * 2 * c.kv_dim + head
+                               + policy.weights(c, deepest))
+    stats.kv_bytes += deepest * kv_per_layer
+    stats.full_bytes += b * (L * projections + head) + L * kv_per_layer
 
 
 # ------------------------------------------------------------------------------------ exit policies
@@ -105,6 +120,11 @@ class Policy:
         """Its MACs for tokens at pos [n] that exited at e [n]: asked at layers min_layer..min(e,
         L-1)."""
         return (e.clamp(max=c.n_layers - 1) - self.min_layer + 1).clamp(min=0).sum() * self.macs(c)
+
+    def weights(self, c, deepest):
+        """Its weights read in a call whose deepest token ran `deepest` layers: per layer asked,
+        those its macs() multiply (a matrix-vector product reads each weight once)."""
+        return max(0, min(deepest, c.n_layers - 1) - self.min_layer + 1) * self.macs(c)
 
 
 class FullDepth(Policy):
@@ -225,6 +245,9 @@ class PromptPolicy(Policy):
         r = pos >= self.read
         return self.prompt.work(c, pos[~r], e[~r]) + self.policy.work(c, pos[r], e[r])
 
+    def weights(self, c, deepest):
+        return self.prompt.weights(c, deepest) + self.policy.weights(c, deepest)
+
 
 # ----------------------------------------------------------------------------------- classification
 
@@ -320,31 +343,41 @@ class DocumentExit(Policy):
             self.exited = self.exited + x[out].sum(0)
         return out
 
+    def macs(self, c):
+        """The head (D x labels) and router at each layer asked: the document's, not a token's."""
+        return c.dim * len(self.classifier.labels) + (
+            self.gate.router.macs() if isinstance(self.gate, RouterGate) else 0)
+
     def work(self, c, pos, e):
-        """Pooling each active token (D), and the head (D x labels) and router at each layer
-        asked."""
-        asked = e.max().clamp(max=c.n_layers - 1)
-        router = self.gate.router.macs() if isinstance(self.gate, RouterGate) else 0
-        per_layer = c.dim * len(self.classifier.labels) + router
+        """Pooling each active token (D), and macs() at each layer asked."""
         tokens = self.tokens.work(c, pos, e) if self.tokens else 0
-        return e.clamp(max=c.n_layers - 1).sum() * c.dim + asked * per_layer + tokens
+        asked = e.max().clamp(max=c.n_layers - 1)
+        return e.clamp(max=c.n_layers - 1).sum() * c.dim + asked * self.macs(c) + tokens
+
+    def weights(self, c, deepest):
+        return super().weights(c, deepest) + (self.tokens.weights(c, deepest) if self.tokens else 0)
 
 
 @torch.inference_mode()
-def classify(model, classifier, ids, policy, stats):
-    """A document's label probabilities [C] and the layer d its label was read at.
-
-    Its tokens ids [n] run until the policy has exited them all (FullDepth: at L; Static(k): at
-    k; DocumentExit: where its gate settles); the head of layer d reads the pooled exit states of
-    all tokens, each as it stands at d. Nothing is filled above d: nobody reads it.
-    """
+def document_states(model, ids, policy, stats):
+    """Run a document's tokens ids [n] until the policy has exited them all (FullDepth: at L;
+    Static(k): at k; DocumentExit: where its gate settles): each token's exit state h [n, D], and
+    the layer d the document is read at, the deepest exit. Nothing is filled above d: nobody
+    reads it."""
     cache = model.new_cache(1, len(ids))
     h, e = forward_tokens(model, ids, 0, cache, policy, stats, logits=None, kv_fill="lazy")
-    d = int(e.max())
+    return h, int(e.max())
+
+
+def classify(model, classifier, ids, policy, stats):
+    """A document's label probabilities [C] and the layer d its label was read at: the head of
+    layer d reads the pooled exit states of all tokens, each as it stands at d."""
+    h, d = document_states(model, ids, policy, stats)
     pool_and_head = model.config.dim * (len(classifier.labels) + len(ids))
     stats.head_macs += pool_and_head
     stats.full_macs += pool_and_head
-    return classifier(d, pooled(model, h)).float().softmax(-1), d
+    with torch.inference_mode():
+        return classifier(d, pooled(model, h)).float().softmax(-1), d
 
 
 def check_range(what, x, lo, hi):

@@ -45,13 +45,15 @@ import torch
 import torch.nn.functional as F
 
 from adept import (DocumentExit, FullDepth, MaxProb, Patience, PromptPolicy, RouterGate, Static, Stats,
-                   classify, forward_tokens, generate, sync)
+                   classify, document_states, forward_tokens, generate, sync)
 from checkpoint import (DEFAULT_CLASSIFIER, DEFAULT_EXITS, DTYPES, UserError, load, load_classifier, load_fill,
                         load_tuning, model_id, read_labelled, run)
 from convert import default_checkpoint
 from data import bbc_news, generated_text, held_out_arg, split, split_fingerprint
 from evaluate import check_output, evaluate, full_reference, ratio_interval, record, report, wilson
 from sample import classify_timed, make_policy, parse_policy, tokens_per_s
+from train_exits import (both_readouts, document_features, fit_rows, out_of_fold, read_last, readouts,
+                         token_level_read)
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -314,7 +316,7 @@ def run_exit_classify(model, clf, docs, pols):
     return acc
 
 
-def exit_classify_records(acc, docs, text, default_spec):
+def exit_classify_records(acc, docs, text, default_spec, scenario="classify-exits"):
     """One record per policy: accuracy (95% interval), agreement with full depth, mean decision layer,
     throughput against full depth (its total time over the policy's, 95% bootstrap interval over
     documents), the median of per-document ratios (named so), the counters' ideal, and each
@@ -326,7 +328,7 @@ def exit_classify_records(acc, docs, text, default_spec):
         lo, hi = wilson(correct, n)
         t_lo, t_hi = ratio_interval(full["s"], a["s"])
         throughput = sum(full["s"]) / sum(a["s"])
-        records.append(record(name, setting, "classify-exits", n,
+        records.append(record(name, setting, scenario, n,
                               sum(p == f for p, f in zip(a["labels"], full["labels"])), a["stats"],
                               text=text, default=(name, setting) == spec_key(default_spec) or None,
                               accuracy=correct / n, accuracy_lo=lo, accuracy_hi=hi,
@@ -373,36 +375,155 @@ def token_vs_prompt(model, tok, quick):
 
 
 def paired(token, prompt):
-    """Token-level against prompt-level on the same documents: the difference in agreement with
-    a 95% interval (normal, on the per-document differences) and McNemar's exact two-sided p."""
-    a, b = token["item_agree"], prompt["item_agree"]
+    """Token-level against prompt-level on the same documents: the difference in agreement, its
+    95% interval and McNemar's p (paired_test)."""
+    diff, lo, hi, p = paired_test(token["item_agree"], prompt["item_agree"])
+    return {"scenario": "token-vs-prompt", "text": token["text"], "n": len(token["item_agree"]),
+            "token_level": token["setting"], "prompt_level": prompt["setting"],
+            "token_agreement": token["agreement"], "prompt_agreement": prompt["agreement"],
+            "difference": diff, "difference_lo": lo, "difference_hi": hi,
+            "mcnemar_p": p, "token_speedup": token["throughput_speedup"],
+            "prompt_speedup": prompt["throughput_speedup"]}
+
+
+def paired_test(a, b):
+    """Two policies' 0/1 outcomes a, b on the same items: the mean difference with a 95% interval
+    (normal, on the per-item differences) and McNemar's exact two-sided p."""
     d = [x - y for x, y in zip(a, b)]
     n, mean = len(d), sum(d) / len(d)
     half = 1.96 * statistics.stdev(d) / math.sqrt(n) if n > 1 else math.inf
     only_a, only_b = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
     k, m = min(only_a, only_b), only_a + only_b
     p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
-    return {"scenario": "token-vs-prompt", "text": token["text"], "n": n,
-            "token_level": token["setting"], "prompt_level": prompt["setting"],
-            "token_agreement": token["agreement"], "prompt_agreement": prompt["agreement"],
-            "difference": mean, "difference_lo": mean - half, "difference_hi": mean + half,
-            "mcnemar_p": p, "token_speedup": token["throughput_speedup"],
-            "prompt_speedup": prompt["throughput_speedup"]}
+    return mean, mean - half, mean + half, p
 
 
-def held_out_documents(clf, path, folder):
-    """The held-out documents [(name, text, label)] of the labelled folder the classifiers at `path`
-    were trained beside, refused if that folder's split is not theirs."""
+# ------------------------------------------- token-level against document-level exit, classifying
+
+
+# Token policies (NAME:VALUE, depths in 30ths of the model) of a document's tokens before its
+# last, and the document-level depths they are compared with at about the same speed.
+TOKEN_POLICIES = ("static:1", "static:2", "static:4", "static:8", "router:0.4")
+DOCUMENT_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 20)
+READOUTS = ("mean over tokens", "last token")
+
+
+def token_level_classify(model, tok, path, prompt_exits, folder, text, quick):
+    """Document-level exit (every token leaves at k, read by layer k's head) against token-level
+    exit (the tokens before the last leave by a token policy with the calibrated fill, the last
+    runs full depth) in both readouts, each policy read by heads fitted on the training
+    documents' features under that very policy; every held-out document timed through every
+    policy in rotating order. Returns the records and the pairs at about equal speed."""
+    clf, L = load_classifier(path, model), model.config.n_layers
+    train, held = classifier_split(clf, path, folder)
+    train, held = (train[:20], held[:20]) if quick else (train, held)
+    scale = lambda k: max(1, min(L - 1, round(k * L / 30)))
+    specs = list(dict.fromkeys(f"static:{scale(int(s[7:]))}" if s.startswith("static") else s
+                               for s in TOKEN_POLICIES if prompt_exits or s.startswith("static")))
+    prompts = [make_policy(s, model, exits=prompt_exits if s.startswith("router") else None)
+               for s in specs]
+    n_tokens = int(clf.meta["tokens"])
+    recipe = {"model": model_id(model), "tokens": n_tokens, "token_policies": specs,
+              "prompt_exits": prompt_exits and str(prompt_exits)}
+    feats = document_features(model, tok, train, n_tokens, Path("runs") / f"{model.name}.token-level"
+                              f"{'.quick' if quick else ''}.features.pt", recipe,
+                              token_level_read(model, prompts))  # [1 + L + P, 2, N, D]
+    y = torch.tensor([label for *_, label in train])
+    heads = [fit_rows(model, clf.labels, feats[:, r], y) for r in range(len(READOUTS))]
+    pols = {("full", None): (FullDepth(), L)}
+    pols |= {("document-static", k): (Static(k, L), k) for k in sorted(set(map(scale, DOCUMENT_DEPTHS)))}
+    pols |= {(f"token-{s.split(':')[0]}", parse_policy(s, {})[1].popitem()[1]): (p, 1 + L + j)
+             for j, (s, p) in enumerate(zip(specs, prompts))}
+    docs = [(torch.tensor(tok.encode(t)[:n_tokens], device=model.tok_emb.device), y)
+            for _, t, y in held]
+    acc = run_token_level(model, heads, docs, pols)
+    text = f"{text}, held out ({len(docs)} of {clf.meta['documents']}; heads fitted on {len(train)})"
+    records = []
+    for r, readout in enumerate(READOUTS):
+        records += [rec | {"readout": readout} for rec in exit_classify_records(
+            acc[r], docs, text, "full", "classify-token-level")]
+    return records + token_level_pairs(records, [y for _, y in docs])
+
+
+def run_token_level(model, heads, docs, pols):
+    """Every held-out document [(ids, label)] through every policy (policy, head row), full depth
+    among them, in an order that rotates from one document to the next, and through the bag of
+    words (the token embeddings, row 0); per readout and policy: each document's label, decision
+    layer and seconds, and the costs."""
+    keys = list(pols) + [("embedding", 0)]
+    acc = [{key: dict(labels=[], layers=[], s=[], stats=Stats()) for key in keys} for _ in heads]
+    read_labels(model, heads, docs[0][0][:8], FullDepth(), model.config.n_layers)  # warm-up
+    for j, (ids, _) in enumerate(docs):
+        for key in keys[j % len(keys):] + keys[:j % len(keys)]:
+            labels, d, stats, s = read_labels(model, heads, ids, *pols.get(key, (None, 0)))
+            for a, label in zip(acc, labels):
+                a[key]["labels"].append(label)
+                a[key]["layers"].append(d)
+                a[key]["s"].append(s)
+                a[key]["stats"] = total([a[key]["stats"], stats])
+        print(f"\r  token-level classify {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    for a in acc:  # the bag of words against full depth's cost: the pooling alone
+        a[("embedding", 0)]["stats"].full_macs = a[("full", None)]["stats"].full_macs
+    return acc
+
+
+@torch.inference_mode()
+def read_labels(model, heads, ids, policy, row):
+    """One document's label by each readout's head of `row` (a row above L is a token policy's,
+    run under read_last), its decision layer, costs and seconds; policy None: the bag of words."""
+    stats, t0 = Stats(), time.perf_counter()
+    if policy is None:
+        h, d = model.tok_emb[ids], 0
+        stats.head_macs = model.config.dim * len(ids)
+    else:
+        h, d = document_states(model, ids, read_last(policy, len(ids))
+                               if row > model.config.n_layers else policy, stats)
+    x = both_readouts(model, h)
+    labels = [int(head(row + 1, x[r]).argmax()) for r, head in enumerate(heads)]
+    sync(ids.device)
+    return labels, d, stats, time.perf_counter() - t0
+
+
+def token_level_pairs(records, truth):
+    """In each readout, each token-level policy against the document-level depth nearest to it in
+    throughput: the difference in accuracy on the same documents (paired_test)."""
+    pairs = []
+    correct = lambda r: [int(a == y) for a, y in zip(r["item_labels"], truth)]
+    for readout in READOUTS:
+        rs = [r for r in records if r["readout"] == readout]
+        document = [r for r in rs if r["policy"] == "document-static"]
+        for t in (r for r in rs if r["policy"].startswith("token-")):
+            d = min(document, key=lambda r: abs(math.log(r["throughput_speedup"]
+                                                         / t["throughput_speedup"])))
+            diff, lo, hi, p = paired_test(correct(t), correct(d))
+            pairs.append({"scenario": "token-vs-document", "text": t["text"], "readout": readout,
+                          "n": len(truth), "token_level": f"{t['policy']}:{t['setting']}",
+                          "document_level": d["setting"], "token_accuracy": t["accuracy"],
+                          "document_accuracy": d["accuracy"], "difference": diff,
+                          "difference_lo": lo, "difference_hi": hi, "mcnemar_p": p,
+                          "token_speedup": t["throughput_speedup"],
+                          "document_speedup": d["throughput_speedup"]})
+    return pairs
+
+
+def classifier_split(clf, path, folder):
+    """(training, held-out) documents [(name, text, label)] of the labelled folder the classifiers
+    at `path` were trained beside, refused if that folder's split is not theirs."""
     labels, docs, _ = read_labelled(folder)
     try:
-        _, held = split(docs, held_out_arg(clf.meta["held_out"]), int(clf.meta["seed"]))
+        train, held = split(docs, held_out_arg(clf.meta["held_out"]), int(clf.meta["seed"]))
     except UserError:  # too small to be split as the classifiers' folder was
-        held = []
+        train, held = docs, []
     if labels != clf.labels or split_fingerprint(held) != clf.meta.get("held_out_fingerprint"):
         raise UserError(f"{path} was not trained on {folder}'s split; give the folder it was "
                         "trained on with --labelled, or train one on this folder with "
                         "train_exits.py --classify")
-    return held
+    return train, held
+
+
+def held_out_documents(clf, path, folder):
+    return classifier_split(clf, path, folder)[1]
 
 
 def exit_classify(model, tok, path, folder, text, quick):
@@ -461,7 +582,6 @@ def labels_by_layer(model, tok, clf, held, text):
     (the classifier file's heads) and the last token's rmsnorm(h), the convention of transformers'
     sequence classification (heads fitted here, out of fold on these documents: none sees its
     own)."""
-    from train_exits import out_of_fold, readouts
     y = torch.tensor([label for *_, label in held])
     pool, last = readouts(model, [tok.encode(t)[:int(clf.meta["tokens"])] for _, t, _ in held])
     with torch.no_grad():
@@ -504,19 +624,66 @@ def by_layer(model, tok, classifier, args):
     return records
 
 
+def machine_rates(device, dtype, tries=5):
+    """The roofline's two limits on this machine, each the best of a few tries: MACs per second
+    of a prefill-sized matmul (256 x 576 @ 576 x 3072), and bytes per second of a streaming
+    read (a sum over 256 MB)."""
+    a = torch.randn(256, 576, dtype=dtype, device=device)
+    w = torch.randn(576, 3072, dtype=dtype, device=device)
+    x = torch.ones(256 * 2 ** 20 // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
+    def best(f, reps):
+        f()  # warm-up
+        times = []
+        for _ in range(tries):
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                f()
+            sync(device)
+            times.append((time.perf_counter() - t) / reps)
+        return min(times)
+    return {"macs_per_s": a.numel() * w.shape[1] / best(lambda: a @ w, 20),
+            "bytes_per_s": x.numel() * x.element_size() / best(x.sum, 5)}
+
+
+def roofline(records, rates):
+    """Each counted record's roofline ideal (full depth's time over the policy's, each time the
+    larger of MAC time and byte time at the machine's rates), and the rates it reached: GB/s
+    and GFLOP/s (2 per MAC) over its measured time, for decode and prefill."""
+    time_of = lambda macs, b: max(macs / rates["macs_per_s"], b / rates["bytes_per_s"])
+    for r in records:
+        if r.get("bytes"):
+            r["roofline_ideal"] = time_of(r["full_macs"], r["full_bytes"]) / time_of(r["macs"],
+                                                                                     r["bytes"])
+        s = r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") and "item_decode_s" in r \
+            else sum(r["item_ms"]) / 1000 if r.get("bytes") and "item_ms" in r else None
+        if s:  # decode: the last repeat's counts at the measured rate; prefill: its own times
+            r["achieved_gbps"], r["achieved_gflops"] = r["bytes"] / s / 1e9, 2 * r["macs"] / s / 1e9
+
+
 def finish(args, argv, model, records, t0, meta):
-    """Print the records as a table; write them with the run's facts to --json, the classify-exits
-    plot to --plots."""
+    """Print the records as a table; write them with the run's facts and the machine's rates
+    (roofline) to --json, the classify-exits plot to --plots."""
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    rates = machine_rates(model.tok_emb.device, model.tok_emb.dtype)
+    roofline(records, rates)
+    meta = meta | {"machine_rates": rates}
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{model.name}, {args.dtype} on {args.device} ({machine}); `{command}`\n")
-    table = [r for r in records if r["scenario"] not in ("by-layer", "token-vs-prompt")]
+    table = [r for r in records if r["scenario"] not in ("by-layer", "token-vs-prompt",
+                                                         "token-vs-document")]
     print(report(table) if table else "")
     for r in records:
         if r["scenario"] == "token-vs-prompt":
             print(f"prompt tokens at {r['token_level']} ({r['token_agreement']:.1%}, "
                   f"{r['token_speedup']:.2f}x) against every token at {r['prompt_level']} "
                   f"({r['prompt_agreement']:.1%}, {r['prompt_speedup']:.2f}x): "
+                  f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
+                  f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
+        if r["scenario"] == "token-vs-document":
+            print(f"{r['readout']}: {r['token_level']} ({r['token_accuracy']:.1%}, "
+                  f"{r['token_speedup']:.2f}x) against every token at {r['document_level']} "
+                  f"({r['document_accuracy']:.1%}, {r['document_speedup']:.2f}x): "
                   f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
                   f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
         if r["scenario"] == "by-layer":
@@ -561,6 +728,9 @@ def parse_args(argv):
                    "K/V ablation)")
     p.add_argument("--token-vs-prompt-only", action="store_true", help="prefill alone: token-level "
                    "exit against prompt-level exit at equal speed, with paired tests")
+    p.add_argument("--token-level-classify-only", action="store_true", help="classification "
+                   "alone: token-level against document-level exit, heads fitted to each policy, in "
+                   "two readouts (mean over tokens, last token)")
     p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained "
                    "on (default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
@@ -734,6 +904,16 @@ def main(argv=None):
     exits, prompt_exits, classifier = shipped_files(args)
     if args.token_vs_prompt_only:
         return finish(args, argv, model, token_vs_prompt(model, tok, args.quick), t0, {})
+    if args.token_level_classify_only:
+        if not classifier:
+            raise UserError("token-level classify needs exit classifiers (for their split): give "
+                            "--classifier")
+        folder, text = labelled_folder(args)
+        records = token_level_classify(model, tok, classifier, prompt_exits, folder, text,
+                                       args.quick)
+        return finish(args, argv, model, records, t0, {"classifier": str(classifier),
+                                                       "prompt_exits": prompt_exits and str(prompt_exits),
+                                                       "labelled": str(folder)})
     if args.by_layer_only:
         return finish(args, argv, model, by_layer(model, tok, classifier, args), t0,
                       {"classifier": classifier and str(classifier)})

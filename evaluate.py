@@ -37,6 +37,8 @@ def record(policy, setting, scenario, n, n_agree, stats, model="base", reference
     lo, hi = wilson(n_agree, n)
     return {"policy": policy, "setting": setting, "scenario": scenario, "model": model, "reference": reference, "n": n,
             "mean_exit_layer": stats.mean_exit_layer, "compute_saved": stats.saved, "ideal_speedup": stats.ideal_speedup,
+            "tokens": stats.tokens, "macs": stats.total_macs, "full_macs": stats.full_macs,
+            "bytes": stats.weight_bytes + stats.kv_bytes, "full_bytes": stats.full_bytes,
             "agreement": n_agree / max(n, 1), "agreement_lo": lo, "agreement_hi": hi, **measured}
 
 
@@ -97,9 +99,9 @@ def sweep(model, router, seqs, scenario, gates=GATES, base=None):
 
 # The columns of a report: (record key, heading, format); a report shows those that any of its records has.
 COLUMNS = [("scenario", "scenario", "{}"), ("text", "text", "{}"), ("model", "model", "{}"), ("policy", "policy", "{}"),
-           ("setting", "setting", "{}"), ("n", "n", "{}"), ("mean_exit_layer", "mean exit layer", "{:.1f}"),
+           ("setting", "setting", "{}"), ("readout", "readout", "{}"), ("n", "n", "{}"), ("mean_exit_layer", "mean exit layer", "{:.1f}"),
            ("compute_saved", "compute saved", "{:.1%}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
-           ("ideal_speedup", "ideal", "{:.2f}"), ("agreement", "agreement [95% CI]", "{:.1%}"), ("kl", "KL", "{:.3f}"),
+           ("ideal_speedup", "ideal", "{:.2f}"), ("roofline_ideal", "roofline", "{:.2f}"), ("agreement", "agreement [95% CI]", "{:.1%}"), ("kl", "KL", "{:.3f}"),
            ("ppl", "ppl", "{:.2f}"), ("full_ppl", "full's ppl", "{:.2f}"), ("accuracy", "accuracy", "{:.1%}"), ("margin", "margin", "{:.2f}")]
 
 

@@ -32,6 +32,7 @@ and English docstrings of the Python standard library ("human text"), or your ow
 with --data. Whole documents are held out, never seen in training.
 """
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -42,7 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adept import ExitClassifier, Router, RouterPolicy, pooled, router_features
+from adept import (ExitClassifier, FullDepth, PromptPolicy, Router, RouterPolicy, Stats,
+                   document_states, pooled, router_features)
 from checkpoint import (DEFAULT_EXITS, DTYPES, POOLING, UserError, load, load_fill, load_router, load_tuning,
                         model_id, read_labelled, save_classifier, save_router, save_safetensors,
                         run)
@@ -190,29 +192,31 @@ def pick_threshold(model, router, min_layer, seqs, target, base=None):
 
 
 @torch.inference_mode()
-def document_features(model, tok, docs, n_tokens, ckpt=None, recipe=None):
-    """Pooled features [L, N, D] of every layer for each document's first n_tokens; resumable."""
+def document_features(model, tok, docs, n_tokens, ckpt=None, recipe=None, read=None):
+    """Features of each document's first n_tokens, stacked at dim -2; resumable. read(ids) gives
+    one document's; by default every layer's pooled features [L, D], so the result is [L, N, D]."""
     from tqdm import tqdm
+    read = read or (lambda ids: readouts(model, [ids])[0][:, 0])
     state = resume(ckpt, recipe) or {"feats": {}, "recipe": recipe}
     for j, (name, text, _) in enumerate(tqdm(docs, desc="features", leave=False)):
         if name not in state["feats"]:
-            state["feats"][name] = readouts(model, [tok.encode(text)[:n_tokens]])[0][:, 0]
+            state["feats"][name] = read(tok.encode(text)[:n_tokens])
         if ckpt and (j % 100 == 99 or j == len(docs) - 1):
             save_atomic(state, ckpt)
-    return torch.stack([state["feats"][name] for name, *_ in docs], 1)
+    return torch.stack([state["feats"][name] for name, *_ in docs], -2)
 
 
 @torch.inference_mode()
 def readouts(model, docs):
     """Every layer's features of documents [ids] from one full-depth pass each: the mean of
     rmsnorm(h) over the tokens, and the last token's rmsnorm(h), each [L, N, D]."""
-    pool, last = [], []
+    feats = []
     for ids in docs:
         hs = []
         model(torch.tensor([ids], device=model.tok_emb.device), hidden_states=hs)
-        pool.append(torch.stack([pooled(model, h[0]) for h, *_ in hs]).float().cpu())
-        last.append(torch.stack([pooled(model, h[0, -1:]) for h, *_ in hs]).float().cpu())
-    return torch.stack(pool, 1), torch.stack(last, 1)
+        feats.append(torch.stack([both_readouts(model, h[0]) for h, *_ in hs]).float().cpu())
+    feats = torch.stack(feats, 2)  # [L, 2, N, D]
+    return feats[:, 0], feats[:, 1]
 
 
 def fit_heads(clf, feats, y, steps=300, lr=0.05, weight_decay=1e-3):
@@ -228,6 +232,13 @@ def fit_heads(clf, feats, y, steps=300, lr=0.05, weight_decay=1e-3):
         loss.backward()
         opt.step()
     return clf
+
+
+def fit_rows(model, labels, feats, y):
+    """A head for each row of feats [R, N, D] (a layer, or a token-level policy's pool): R heads
+    in one ExitClassifier, row r's at index r + 1."""
+    c = dataclasses.replace(model.config, n_layers=feats.shape[0])
+    return fit_heads(ExitClassifier(c, labels), feats, y)
 
 
 def out_of_fold(model, labels, feats, y, folds=5, seed=0):
@@ -285,6 +296,38 @@ def choose_policy(probs, y, budget):
         rows.append((spec, int(right.sum()) / len(y), int(d.sum()) / len(y)))
     table = [(*row, row[1] >= rows[-1][1] - budget - 1e-9) for row in rows]
     return min((row for row in table if row[3]), key=lambda row: (row[2], -row[1]))[0], table
+
+
+# ------------------------------------------------------- token-level exit in classification
+
+
+def read_last(prompt, n):
+    """Token-level exit for a document of n tokens: the tokens before its last leave by `prompt`
+    (a token policy), their K/V at the layers they skip filled (calibrated); the last token runs
+    full depth, as the read position does in prefill."""
+    return PromptPolicy(prompt, FullDepth(), n - 1)
+
+
+def both_readouts(model, h):
+    """A document's features [2, D] from its tokens' states h [n, D]: the mean over the tokens of
+    rmsnorm(h) (the shipped heads' readout), and the last token's rmsnorm(h) (the readout of
+    `transformers`' sequence classification)."""
+    return torch.stack([pooled(model, h), pooled(model, h[-1:])])
+
+
+def token_level_read(model, prompts):
+    """read(ids) for document_features: [1 + L + P, 2, D], both readouts of the token embeddings
+    (layer 0: a bag of words), of every layer from one full-depth pass (every token exits there:
+    document-level exit), and of the exit states that each token policy of `prompts` leaves
+    under read_last, from the inference path: so each policy's heads fit the pools it makes."""
+    def read(ids):
+        t = torch.tensor(ids, device=model.tok_emb.device)
+        hs = []
+        model(t[None], hidden_states=hs)
+        rows = [model.tok_emb[t]] + [h[0] for h, *_ in hs]
+        rows += [document_states(model, t, read_last(p, len(ids)), Stats())[0] for p in prompts]
+        return torch.stack([both_readouts(model, h) for h in rows]).float().cpu()
+    return read
 
 
 def train_classify(model, tok, args, out, runs):

@@ -247,6 +247,45 @@ def test_cost_counters_follow_the_exit_layers(tiny):
     assert static.layer_macs * L == full.layer_macs * 2  # every token ran 2 of L layers
 
 
+def weights_of_a_layer(c):
+    return c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
+
+
+def test_a_decode_step_reads_each_layer_it_runs_once_and_the_cache_up_to_itself(tiny):
+    """One token at position 6 exiting at k reads k layers' weights, the K/V columns of the other
+    L - k (its fill), the LM head, and at each of its k layers the K/V of 7 positions; full depth
+    would have read all L layers' and their caches. 4 bytes an element in float32."""
+    model, *_ = tiny
+    c, L, k = model.config, model.config.n_layers, 2
+    ids, cache, stats = prompt(model, 7), model.new_cache(1, 7), Stats()
+    with torch.no_grad():
+        forward_tokens(model, ids[:6], 0, cache, FullDepth(), Stats())
+        forward_tokens(model, ids[6:], 6, cache, Static(k, L), stats)
+    kv_layer, head = 7 * 2 * c.kv_dim * 4, c.dim * c.vocab_size * 4
+    assert stats.weight_bytes == 4 * (k * weights_of_a_layer(c) + (L - k) * c.dim * 2 * c.kv_dim) + head
+    assert stats.kv_bytes == k * kv_layer
+    assert stats.full_bytes == 4 * L * weights_of_a_layer(c) + head + L * kv_layer
+
+
+def test_a_prefill_with_exits_reads_a_layer_once_whatever_its_rows(tiny):
+    """Ten tokens, two leaving at 1 and three at 2, the rest at L: every layer runs, its weights
+    read once; the decoupled fill reads K/V columns of L - 1 layers for the first exit and L - 2
+    for the second; the confidence gate reads the LM head at each layer it is asked (1..L-1)."""
+    model, *_ = tiny
+    c, L = model.config, model.config.n_layers
+    stats, gate = Stats(), Stats()
+    with torch.no_grad():
+        forward_tokens(model, prompt(model, 10), 0, model.new_cache(1, 10),
+                       Pattern([1, 2, 2, L, 1, 2, L, L, L, L]), stats)
+        forward_tokens(model, prompt(model, 10), 0, model.new_cache(1, 10), Confidence(1.0), gate)
+    head = c.dim * c.vocab_size * 4
+    assert stats.weight_bytes == 4 * (L * weights_of_a_layer(c)
+                                      + (2 * L - 3) * c.dim * 2 * c.kv_dim) + head
+    assert stats.kv_bytes == L * 10 * 2 * c.kv_dim * 4
+    assert stats.full_bytes == 4 * L * weights_of_a_layer(c) + head + stats.kv_bytes
+    assert gate.weight_bytes == 4 * L * weights_of_a_layer(c) + head + (L - 1) * head
+
+
 def router_file(model, path, **meta):
     c = model.config
     r = Router(c)

@@ -176,3 +176,15 @@ def test_decode_only_writes_throughput_records_of_decode_alone(tiny, tmp_path):
         policy = rate(r["item_decode_s"], r["item_tokens"])
         assert r["throughput_speedup"] == pytest.approx(policy / rate(r["full_item_decode_s"],
                                                                       r["full_item_tokens"]))
+
+
+@pytest.mark.parametrize("rates,ideal", [((1.0, 1.0), 200 / 100),      # bytes bound both
+                                         ((1.0, 10.0), 40 / 10),       # MACs bound both
+                                         ((1.0, 4.0), 50 / 25)])       # full: bytes; policy: bytes
+def test_roofline_ideal_is_the_larger_bound_of_each(rates, ideal):
+    """Time is max(MACs / MAC rate, bytes / byte rate) for full depth and for the policy; the
+    achieved rates are the counts over the measured time."""
+    r = {"macs": 10, "bytes": 100, "full_macs": 40, "full_bytes": 200, "item_ms": [500, 500]}
+    bench.roofline([r], {"macs_per_s": rates[0], "bytes_per_s": rates[1]})
+    assert r["roofline_ideal"] == pytest.approx(ideal)
+    assert (r["achieved_gbps"], r["achieved_gflops"]) == pytest.approx((100e-9, 20e-9))

@@ -500,3 +500,63 @@ def test_agreement_by_layer_reaches_one_at_the_last_layer(tiny, trained, tmp_pat
     assert [r["text"] for r in records] == ["human text, next token", "generated text, next token"]
     assert all(r["agreement_by_layer"][-1] == 1 and r["n"] == 8 * 64 for r in records)
     assert (tmp_path / "agreement_by_layer.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_token_level_features_are_the_pools_of_the_dense_pattern(tiny, calibrated):
+    """Features for a token-level policy's heads, read on the inference path, equal the dense
+    pass under its exit pattern: the tokens before the last at 2, the last at L; layer 0 is the
+    token embeddings, layers 1..L the full-depth pass; both readouts (mean, last token)."""
+    from train_exits import both_readouts, token_level_read
+    model, L = tiny[0], tiny[0].config.n_layers
+    model.fill_mu = torch.randn(L + 1, model.config.dim) * 0.1 if calibrated else None
+    try:
+        ids = document(model, 12)
+        got = token_level_read(model, [Static(2, L)])(ids.tolist())  # [1 + L + 1, 2, D]
+        assert got.shape == (L + 2, 2, model.config.dim)
+        pattern = [2] * 11 + [L]
+        for row, exit_at in ((L, None), (L + 1, pattern)):
+            hs = []
+            with torch.no_grad():
+                model(ids[None], exit_layer=exit_at and torch.tensor([exit_at]), hidden_states=hs)
+            torch.testing.assert_close(got[row], both_readouts(model, hs[-1][0][0]), **TOL)
+        torch.testing.assert_close(got[0], both_readouts(model, model.tok_emb[ids]), **TOL)
+    finally:
+        model.fill_mu = None
+
+
+def test_bench_token_level_classify_pairs_policies_of_equal_speed(tiny, trained, tmp_path):
+    """Every policy in both readouts with throughput from its per-document times, the bag of
+    words among them; each token-level policy paired with a document-level depth."""
+    import bench
+    out, corpus = trained
+    bench.main(["--checkpoint", str(tiny[4]), "--classifier", str(out), "--labelled", str(corpus),
+                "--token-level-classify-only", "--json", str(tmp_path / "t.json")])
+    records = json.loads((tmp_path / "t.json").read_text())["records"]
+    for readout in bench.READOUTS:
+        rs = {(r["policy"], r["setting"]): r for r in records if r.get("readout") == readout
+              and r["scenario"] == "classify-token-level"}
+        assert {"full", "embedding", "document-static", "token-static"} == {p for p, _ in rs}
+        full = rs[("full", None)]
+        for r in rs.values():  # item times are rounded to the microsecond; the bag of words takes a few
+            assert r["n"] == 3 and len(r["item_ms"]) == len(r["item_labels"]) == 3
+            assert r["throughput_speedup"] == pytest.approx(sum(full["item_ms"]) / sum(r["item_ms"]),
+                                                            rel=0.05)
+        pairs = [r for r in records if r["scenario"] == "token-vs-document"
+                 and r["readout"] == readout]
+        assert sorted(p["token_level"].split(":") for p in pairs) == \
+            sorted([p, str(s)] for p, s in rs if p == "token-static")
+        assert all(("document-static", p["document_level"]) in rs for p in pairs)
+
+
+def test_a_classification_reads_the_layers_to_its_decision_and_its_heads(tiny):
+    """A document stopped by the confidence gate at d reads d layers' weights, no fill (nobody
+    runs past d), no LM head, the classifier's head at each layer asked (1..d), and the cache of
+    its n tokens at each of its d layers."""
+    model, L = tiny[0], tiny[0].config.n_layers
+    c, ids, clf, stats = model.config, document(model, 12), random_classifier(model), Stats()
+    _, d = classify(model, clf, ids, DocumentExit(clf, MaxProb(0.0)), stats)
+    assert d == 1
+    layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
+    assert stats.weight_bytes == 4 * (layer + c.dim * len(LABELS))
+    assert stats.kv_bytes == 12 * 2 * c.kv_dim * 4
