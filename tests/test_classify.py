@@ -560,3 +560,21 @@ def test_a_classification_reads_the_layers_to_its_decision_and_its_heads(tiny):
     layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
     assert stats.weight_bytes == 4 * (layer + c.dim * len(LABELS))
     assert stats.kv_bytes == 12 * 2 * c.kv_dim * 4
+
+
+def test_bench_in_bfloat16_measures_itself_against_float32(tiny, trained, tmp_path):
+    """--dtype bfloat16 adds records of full depth against the float32 weights: next tokens,
+    decode, and the exit classifiers' labels (loaded and run in bfloat16)."""
+    import bench
+    out, corpus = trained
+    bench.main(["--quick", "--checkpoint", str(tiny[4]), "--dtype", "bfloat16", "--classifier",
+                str(out), "--labelled", str(corpus), "--json", str(tmp_path / "b.json")])
+    records = [r for r in json.loads((tmp_path / "b.json").read_text())["records"]
+               if r["scenario"] == "against float32"]
+    assert [r["text"].split(",")[0] for r in records] == ["human text", "chat prompts"] + \
+        ["corpus"] * (1 + (load_classifier(out, tiny[0]).meta["policy"] != "full"))
+    for r in records:
+        assert r["reference"] == "float32" and 0 <= r["agreement"] <= 1 and r["n"] > 0
+    assert records[0]["n"] == 4 * 64 and records[0]["agreement"] > 0.5
+    assert records[0]["throughput_speedup"] == pytest.approx(
+        sum(records[0]["full_item_ms"]) / sum(records[0]["item_ms"]))
