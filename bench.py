@@ -62,8 +62,8 @@ from convert import default_checkpoint
 from data import bbc_news, generated_text, held_out_arg, split, split_fingerprint
 from evaluate import check_output, evaluate, full_reference, ratio_interval, record, report, wilson
 from sample import classify_timed, make_policy, parse_policy, tokens_per_s
-from train_exits import (both_readouts, document_features, fit_rows, out_of_fold, read_last, readouts,
-                         token_level_read)
+from train_exits import (both_readouts, document_features, fit_rows, out_of_fold, read_last,
+                         readouts, token_level_read)
 
 PROMPTS = ["What is the capital of France?", "Explain how a bicycle works.", "Write a short poem about winter.",
            "Give three tips for learning a new language.", "Why do leaves change colour in autumn?",
@@ -433,27 +433,35 @@ def token_level_classify(model, tok, path, prompt_exits, folder, text, quick):
                                for s in TOKEN_POLICIES if prompt_exits or s.startswith("static")))
     prompts = [make_policy(s, model, exits=prompt_exits if s.startswith("router") else None)
                for s in specs]
-    n_tokens = int(clf.meta["tokens"])
-    recipe = {"model": model_id(model), "tokens": n_tokens, "token_policies": specs,
-              "prompt_exits": prompt_exits and str(prompt_exits)}
-    feats = document_features(model, tok, train, n_tokens, Path("runs") / f"{model.name}.token-level"
-                              f"{'.quick' if quick else ''}.features.pt", recipe,
-                              token_level_read(model, prompts))  # [1 + L + P, 2, N, D]
-    y = torch.tensor([label for *_, label in train])
-    heads = [fit_rows(model, clf.labels, feats[:, r], y) for r in range(len(READOUTS))]
+    heads = token_level_heads(model, tok, clf, train, specs, prompts, prompt_exits, quick)
     pols = {("full", None): (FullDepth(), L)}
-    pols |= {("document-static", k): (Static(k, L), k) for k in sorted(set(map(scale, DOCUMENT_DEPTHS)))}
+    pols |= {("document-static", k): (Static(k, L), k)
+             for k in sorted(set(map(scale, DOCUMENT_DEPTHS)))}
     pols |= {(f"token-{s.split(':')[0]}", parse_policy(s, {})[1].popitem()[1]): (p, 1 + L + j)
              for j, (s, p) in enumerate(zip(specs, prompts))}
-    docs = [(torch.tensor(tok.encode(t)[:n_tokens], device=model.tok_emb.device), y)
+    docs = [(torch.tensor(tok.encode(t)[:int(clf.meta["tokens"])], device=model.tok_emb.device), y)
             for _, t, y in held]
     acc = run_token_level(model, heads, docs, pols)
-    text = f"{text}, held out ({len(docs)} of {clf.meta['documents']}; heads fitted on {len(train)})"
+    text = f"{text}, held out ({len(docs)} of {clf.meta['documents']}; heads fitted on " \
+        f"{len(train)})"
     records = []
     for r, readout in enumerate(READOUTS):
         records += [rec | {"readout": readout} for rec in exit_classify_records(
             acc[r], docs, text, "full", "classify-token-level")]
     return records + token_level_pairs(records, [y for _, y in docs])
+
+
+def token_level_heads(model, tok, clf, train, specs, prompts, prompt_exits, quick):
+    """Per readout, one ExitClassifier with a head for each row of token_level_read's features of
+    the training documents (kept in runs/, resumable): layer 0, the layers, the token policies."""
+    n_tokens = int(clf.meta["tokens"])
+    recipe = {"model": model_id(model), "tokens": n_tokens, "token_policies": specs,
+              "prompt_exits": prompt_exits and str(prompt_exits)}
+    cache = Path("runs") / f"{model.name}.token-level{'.quick' if quick else ''}.features.pt"
+    feats = document_features(model, tok, train, n_tokens, cache, recipe,
+                              token_level_read(model, prompts))  # [1 + L + P, 2, N, D]
+    y = torch.tensor([label for *_, label in train])
+    return [fit_rows(model, clf.labels, feats[:, r], y) for r in range(len(READOUTS))]
 
 
 def run_token_level(model, heads, docs, pols):
@@ -664,7 +672,8 @@ def float32_comparison(model, tok, ckpt, classifier, labelled, quick):
     fs, gs = zip(*pairs)
     records.append(record("full", None, "against float32", *identical(
         [g.tokens for g in gs], [f.tokens for f in fs]), Stats(), reference="float32",
-        text="chat prompts, free-running decode", throughput_speedup=decode_rate(gs) / decode_rate(fs),
+        text="chat prompts, free-running decode",
+        throughput_speedup=decode_rate(gs) / decode_rate(fs),
         tokens_per_s=decode_rate(gs), full_tokens_per_s=decode_rate(fs),
         item_decode_s=[g.decode_s for g in gs], full_item_decode_s=[f.decode_s for f in fs]))
     return records + (labels_against_float32(model, ref, tok, classifier, labelled, quick)
@@ -672,22 +681,24 @@ def float32_comparison(model, tok, ckpt, classifier, labelled, quick):
 
 
 def labels_against_float32(model, ref, tok, path, labelled, quick):
-    """The exit classifiers' labels of their held-out documents in the model's dtype against float32,
-    at full depth and under the file's policy: agreement, and each one's accuracy."""
+    """The exit classifiers' labels of their held-out documents in the model's dtype against
+    float32, at full depth and under the file's policy: agreement, and each one's accuracy."""
     clfs = [load_classifier(path, m) for m in (model, ref)]
-    folder, text = labelled
+    folder, name = labelled
     held = held_out_documents(clfs[0], path, folder)[:20 if quick else 200]
-    spec, records = clfs[0].meta.get("policy", "full"), []
-    for name in dict.fromkeys(("full", spec)):
-        pols = [make_policy(name, m, classifier=c) for m, c in zip((model, ref), clfs)]
-        labels = [[int(classify(m, c, torch.tensor(tok.encode(text)[:int(c.meta["tokens"])],
-                                                     device=m.tok_emb.device), pol, Stats())[0].argmax())
-                   for m, c, pol in zip((model, ref), clfs, pols)] for _, text, _ in held]
-        right = [[int(x == y) for x in pair] for pair, (*_, y) in zip(labels, held)]
-        records.append(record(*spec_key(name), "against float32", len(held),
-                              sum(a == b for a, b in labels), Stats(), reference="float32",
-                              text=f"{text}, held out: labels", accuracy=sum(r[0] for r in right) / len(held),
-                              full_accuracy=sum(r[1] for r in right) / len(held)))
+    docs = [(tok.encode(text)[:int(clfs[0].meta["tokens"])], y) for _, text, y in held]
+    records = []
+    for spec in dict.fromkeys(("full", clfs[0].meta.get("policy", "full"))):
+        labels = [[], []]  # the model's dtype, float32
+        for m, clf, out in zip((model, ref), clfs, labels):
+            pol = make_policy(spec, m, classifier=clf)
+            out += [int(classify(m, clf, torch.tensor(ids, device=m.tok_emb.device), pol,
+                                 Stats())[0].argmax()) for ids, _ in docs]
+        right = [sum(a == y for a, (_, y) in zip(out, docs)) / len(docs) for out in labels]
+        records.append(record(*spec_key(spec), "against float32", len(docs),
+                              sum(a == b for a, b in zip(*labels)), Stats(), reference="float32",
+                              text=f"{name}, held out: labels", accuracy=right[0],
+                              full_accuracy=right[1]))
     return records
 
 
@@ -796,8 +807,8 @@ def parse_args(argv):
     p.add_argument("--token-vs-prompt-only", action="store_true", help="prefill alone: token-level "
                    "exit against prompt-level exit at equal speed, with paired tests")
     p.add_argument("--token-level-classify-only", action="store_true", help="classification "
-                   "alone: token-level against document-level exit, heads fitted to each policy, in "
-                   "two readouts (mean over tokens, last token)")
+                   "alone: token-level against document-level exit, heads fitted to each "
+                   "policy, in two readouts (mean over tokens, last token)")
     p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained "
                    "on (default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
