@@ -369,6 +369,7 @@ def document_states(model, ids, policy, stats):
     return h, int(e.max())
 
 
+@torch.inference_mode()
 def classify(model, classifier, ids, policy, stats):
     """A document's label probabilities [C] and the layer d its label was read at: the head of
     layer d reads the pooled exit states of all tokens, each as it stands at d."""
@@ -376,8 +377,7 @@ def classify(model, classifier, ids, policy, stats):
     pool_and_head = model.config.dim * (len(classifier.labels) + len(ids))
     stats.head_macs += pool_and_head
     stats.full_macs += pool_and_head
-    with torch.inference_mode():
-        return classifier(d, pooled(model, h)).float().softmax(-1), d
+    return classifier(d, pooled(model, h)).float().softmax(-1), d
 
 
 def check_range(what, x, lo, hi):
