@@ -4,7 +4,7 @@ the machine cancel. Speed-up is throughput: full depth's total time over the pol
 items; records keep each item's time. Beside it, two ideals from the cost counters: MACs alone,
 and the roofline (per record, the larger of MAC time and byte time at this machine's rates, a
 matmul's and a streaming read's, measured in each run). The default run is generation and
-prefill; the classification scenarios run alone. Scenarios (docs/RESULTS.md documents --json):
+prefill; the exit classifiers' scenarios run alone. Scenarios (docs/RESULTS.md documents --json):
   decode       greedy generation from chat prompts to the end of the turn: tokens/s, mean exit
                layer, tokens identical to full depth's, full depth's perplexity of the output
   decode-tf    teacher-forced along full depth's continuations of those prompts and along held-out
@@ -456,7 +456,8 @@ def token_level_heads(model, tok, clf, train, specs, prompts, prompt_exits, quic
     the training documents (kept in runs/, resumable): layer 0, the layers, the token policies."""
     n_tokens = int(clf.meta["tokens"])
     recipe = {"model": model_id(model), "tokens": n_tokens, "token_policies": specs,
-              "prompt_exits": prompt_exits and str(prompt_exits)}
+              "prompt_exits": prompt_exits and str(prompt_exits),
+              "split": clf.meta.get("held_out_fingerprint")}
     cache = Path("runs") / f"{model.name}.token-level{'.quick' if quick else ''}.features.pt"
     feats = document_features(model, tok, train, n_tokens, cache, recipe,
                               token_level_read(model, prompts))  # [1 + L + P, 2, N, D]
@@ -542,6 +543,7 @@ def classifier_split(clf, path, folder):
 
 
 def held_out_documents(clf, path, folder):
+    """The held-out documents of classifier_split."""
     return classifier_split(clf, path, folder)[1]
 
 
@@ -646,7 +648,7 @@ def by_layer(model, tok, classifier, args):
 # -------------------------------------------------------------- a lower precision against float32
 
 
-def float32_comparison(model, tok, ckpt, classifier, labelled, quick):
+def float32_comparison(model, tok, ckpt, classifier, quick):
     """The model in its dtype against the same weights in float32, both at full depth and timed
     alternating: next tokens teacher-forced along held-out human text (agreement; prefill
     speed), the exit classifiers' labels on held-out BBC News (at full depth and under their
@@ -666,7 +668,8 @@ def float32_comparison(model, tok, ckpt, classifier, labelled, quick):
                       throughput_speedup=sum(ref_s) / sum(s), item_ms=[1000 * x for x in s],
                       full_item_ms=[1000 * x for x in ref_s])]
     prompts = [tok.prompt(q) for q in PROMPTS[:2 if quick else None]]
-    generate(model, prompts[0], 4, FullDepth())  # warm-up
+    for m in (ref, model):  # warm-up
+        generate(m, prompts[0], 4, FullDepth())
     pairs = [(generate(ref, p, 40, FullDepth(), eos_ids=tok.eos_ids),
               generate(model, p, 40, FullDepth(), eos_ids=tok.eos_ids)) for p in prompts * 2]
     fs, gs = zip(*pairs)
@@ -676,7 +679,7 @@ def float32_comparison(model, tok, ckpt, classifier, labelled, quick):
         throughput_speedup=decode_rate(gs) / decode_rate(fs),
         tokens_per_s=decode_rate(gs), full_tokens_per_s=decode_rate(fs),
         item_decode_s=[g.decode_s for g in gs], full_item_decode_s=[f.decode_s for f in fs]))
-    return records + (labels_against_float32(model, ref, tok, classifier, labelled, quick)
+    return records + (labels_against_float32(model, ref, tok, *classifier, quick)
                       if classifier else [])
 
 
@@ -980,8 +983,8 @@ def main(argv=None):
     model, tok = load(ckpt, args.device, DTYPES[args.dtype])  # the base model: every figure's reference
     load_fill(model)  # the shipped calibration, for the default model
     exits, prompt_exits, classifier = shipped_files(args)
-    lower = float32_comparison(model, tok, ckpt, classifier, labelled_folder(args), args.quick) \
-        if args.dtype != "float32" else []  # records of the dtype against float32
+    lower = float32_comparison(model, tok, ckpt, classifier and (classifier, labelled_folder(args)),
+                               args.quick) if args.dtype != "float32" else []
     if args.token_vs_prompt_only:
         return finish(args, argv, model, lower + token_vs_prompt(model, tok, args.quick), t0,
                       {})
@@ -992,9 +995,9 @@ def main(argv=None):
         folder, text = labelled_folder(args)
         records = token_level_classify(model, tok, classifier, prompt_exits, folder, text,
                                        args.quick)
-        return finish(args, argv, model, lower + records, t0, {"classifier": str(classifier),
-                                                       "prompt_exits": prompt_exits and str(prompt_exits),
-                                                       "labelled": str(folder)})
+        return finish(args, argv, model, lower + records, t0, {
+            "classifier": str(classifier), "prompt_exits": prompt_exits and str(prompt_exits),
+            "labelled": str(folder)})
     if args.by_layer_only:
         return finish(args, argv, model, lower + by_layer(model, tok, classifier, args), t0,
                       {"classifier": classifier and str(classifier)})
@@ -1033,8 +1036,9 @@ def main(argv=None):
           "pairs; speed-up = throughput; n = scored tokens (decode) or prompts (prefill); ideal = "
           "1 / (1 - compute saved), the speed-up the MAC counters promise; agreement with its 95% "
           "Wilson interval")
-    finish(args, argv, model, lower + records, t0, {"tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
-                                            "repeats": repeats})
+    finish(args, argv, model, lower + records, t0, {
+        "tuning": args.tuning, "exits": {k: v and str(v) for k, v in exits.items()},
+        "classifier": classifier and str(classifier), "repeats": repeats})
     if args.plots:
         router = policies.get(("base", "router", None), (0, make_policy("static", model)))[1]
         plots(records, model, tok, router, Path(args.plots))

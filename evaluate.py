@@ -98,11 +98,14 @@ def sweep(model, router, seqs, scenario, gates=GATES, base=None):
 
 
 # The columns of a report: (record key, heading, format); a report shows those that any of its records has.
-COLUMNS = [("scenario", "scenario", "{}"), ("text", "text", "{}"), ("model", "model", "{}"), ("policy", "policy", "{}"),
-           ("setting", "setting", "{}"), ("readout", "readout", "{}"), ("n", "n", "{}"), ("mean_exit_layer", "mean exit layer", "{:.1f}"),
-           ("compute_saved", "compute saved", "{:.1%}"), ("tokens_per_s", "tokens/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
-           ("ideal_speedup", "ideal", "{:.2f}"), ("roofline_ideal", "roofline", "{:.2f}"), ("agreement", "agreement [95% CI]", "{:.1%}"), ("kl", "KL", "{:.3f}"),
-           ("ppl", "ppl", "{:.2f}"), ("full_ppl", "full's ppl", "{:.2f}"), ("accuracy", "accuracy", "{:.1%}"), ("margin", "margin", "{:.2f}")]
+COLUMNS = [("scenario", "scenario", "{}"), ("text", "text", "{}"), ("model", "model", "{}"),
+           ("policy", "policy", "{}"), ("setting", "setting", "{}"), ("readout", "readout", "{}"),
+           ("n", "n", "{}"), ("mean_exit_layer", "mean exit layer", "{:.1f}"),
+           ("compute_saved", "compute saved", "{:.1%}"), ("tokens_per_s", "tokens/s", "{:.1f}"),
+           ("speedup", "speed-up", "{:.2f}"), ("ideal_speedup", "ideal", "{:.2f}"),
+           ("roofline_ideal", "roofline", "{:.2f}"), ("agreement", "agreement [95% CI]", "{:.1%}"),
+           ("kl", "KL", "{:.3f}"), ("ppl", "ppl", "{:.2f}"), ("full_ppl", "full's ppl", "{:.2f}"),
+           ("accuracy", "accuracy", "{:.1%}"), ("margin", "margin", "{:.2f}")]
 
 
 def report(records):

@@ -262,7 +262,8 @@ def test_a_decode_step_reads_each_layer_it_runs_once_and_the_cache_up_to_itself(
         forward_tokens(model, ids[:6], 0, cache, FullDepth(), Stats())
         forward_tokens(model, ids[6:], 6, cache, Static(k, L), stats)
     kv_layer, head = 7 * 2 * c.kv_dim * 4, c.dim * c.vocab_size * 4
-    assert stats.weight_bytes == 4 * (k * weights_of_a_layer(c) + (L - k) * c.dim * 2 * c.kv_dim) + head
+    fill = (L - k) * c.dim * 2 * c.kv_dim
+    assert stats.weight_bytes == 4 * (k * weights_of_a_layer(c) + fill) + head
     assert stats.kv_bytes == k * kv_layer
     assert stats.full_bytes == 4 * L * weights_of_a_layer(c) + head + L * kv_layer
 

@@ -180,7 +180,7 @@ def test_decode_only_writes_throughput_records_of_decode_alone(tiny, tmp_path):
 
 @pytest.mark.parametrize("rates,ideal", [((1.0, 1.0), 200 / 100),      # bytes bound both
                                          ((1.0, 10.0), 40 / 10),       # MACs bound both
-                                         ((1.0, 4.0), 50 / 25)])       # full: bytes; policy: bytes
+                                         ((1.0, 8.0), 40 / 12.5)])     # full: MACs; policy: bytes
 def test_roofline_ideal_is_the_larger_bound_of_each(rates, ideal):
     """Time is max(MACs / MAC rate, bytes / byte rate) for full depth and for the policy; the
     achieved rates are the counts over the measured time."""
