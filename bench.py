@@ -705,13 +705,14 @@ def labels_against_float32(model, ref, tok, path, labelled, quick):
     return records
 
 
-def machine_rates(device, dtype, tries=5):
+def machine_rates(model, tries=5):
     """The roofline's two limits on this machine, each the best of a few tries: MACs per second
-    of a prefill-sized matmul (256 x 576 @ 576 x 3072), and bytes per second of a streaming
-    read (a sum over 256 MB)."""
-    a = torch.randn(256, 576, dtype=dtype, device=device)
-    w = torch.randn(576, 3072, dtype=dtype, device=device)
-    x = torch.ones(256 * 2 ** 20 // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
+    of a prefill-sized matmul (256 tokens through the model's gate and up projections), and
+    bytes per second of a streaming read (a sum over 256 MiB)."""
+    c, device, dtype = model.config, model.tok_emb.device, model.tok_emb.dtype
+    a = torch.randn(256, c.dim, dtype=dtype, device=device)
+    w = torch.randn(c.dim, 2 * c.ffn_dim, dtype=dtype, device=device)
+    x = torch.ones(256 * 2 ** 20 // a.element_size(), dtype=dtype, device=device)
     def best(f, reps):
         f()  # warm-up
         times = []
@@ -736,17 +737,20 @@ def roofline(records, rates):
         if r.get("bytes"):
             r["roofline_ideal"] = time_of(r["full_macs"], r["full_bytes"]) / time_of(r["macs"],
                                                                                      r["bytes"])
-        s = r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") and "item_decode_s" in r \
-            else sum(r["item_ms"]) / 1000 if r.get("bytes") and "item_ms" in r else None
-        if s:  # decode: the last repeat's counts at the measured rate; prefill: its own times
-            r["achieved_gbps"], r["achieved_gflops"] = r["bytes"] / s / 1e9, 2 * r["macs"] / s / 1e9
+        if r.get("tokens") and r.get("tokens_per_s") and "item_decode_s" in r:
+            s = r["tokens"] / r["tokens_per_s"]  # decode: the last repeat's counts at its rate
+        elif r.get("bytes") and "item_ms" in r:
+            s = sum(r["item_ms"]) / 1000  # prefill and classification: their own times
+        else:
+            continue
+        r["achieved_gbps"], r["achieved_gflops"] = r["bytes"] / s / 1e9, 2 * r["macs"] / s / 1e9
 
 
 def finish(args, argv, model, records, t0, meta):
     """Print the records as a table; write them with the run's facts and the machine's rates
     (roofline) to --json, the classify-exits plot to --plots."""
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    rates = machine_rates(model.tok_emb.device, model.tok_emb.dtype)
+    rates = machine_rates(model)
     roofline(records, rates)
     meta = meta | {"machine_rates": rates}
     command = "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
