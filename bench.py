@@ -981,6 +981,28 @@ def labelled_folder(args):
     return Path(args.labelled), Path(args.labelled).resolve().name
 
 
+def run_alone(args, model, tok, classifier, prompt_exits):
+    """(records, meta) of a scenario that runs alone (--token-vs-prompt-only, --*-classify-only,
+    --by-layer-only, --exit-classifiers-only or --labelled); None for the default run."""
+    if args.token_vs_prompt_only:
+        return token_vs_prompt(model, tok, args.quick), {}
+    if args.by_layer_only:
+        meta = {"classifier": classifier and str(classifier)}
+        return by_layer(model, tok, classifier, args), meta
+    if not (args.token_level_classify_only or args.exit_classifiers_only or args.labelled):
+        return None
+    if not classifier:
+        raise UserError("token-level classify needs exit classifiers (for their split): give "
+                        "--classifier" if args.token_level_classify_only else
+                        "classify-exits needs exit classifiers: give --classifier")
+    folder, text = labelled_folder(args)
+    meta = {"classifier": str(classifier), "labelled": str(folder)}
+    if not args.token_level_classify_only:
+        return exit_classify(model, tok, classifier, folder, text, args.quick), meta
+    records = token_level_classify(model, tok, classifier, prompt_exits, folder, text, args.quick)
+    return records, meta | {"prompt_exits": prompt_exits and str(prompt_exits)}
+
+
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
     ckpt = args.checkpoint or default_checkpoint()
@@ -989,29 +1011,9 @@ def main(argv=None):
     exits, prompt_exits, classifier = shipped_files(args)
     lower = float32_comparison(model, tok, ckpt, classifier and (classifier, labelled_folder(args)),
                                args.quick) if args.dtype != "float32" else []
-    if args.token_vs_prompt_only:
-        return finish(args, argv, model, lower + token_vs_prompt(model, tok, args.quick), t0,
-                      {})
-    if args.token_level_classify_only:
-        if not classifier:
-            raise UserError("token-level classify needs exit classifiers (for their split): give "
-                            "--classifier")
-        folder, text = labelled_folder(args)
-        records = token_level_classify(model, tok, classifier, prompt_exits, folder, text,
-                                       args.quick)
-        return finish(args, argv, model, lower + records, t0, {
-            "classifier": str(classifier), "prompt_exits": prompt_exits and str(prompt_exits),
-            "labelled": str(folder)})
-    if args.by_layer_only:
-        return finish(args, argv, model, lower + by_layer(model, tok, classifier, args), t0,
-                      {"classifier": classifier and str(classifier)})
-    if args.exit_classifiers_only or args.labelled:
-        if not classifier:
-            raise UserError("classify-exits needs exit classifiers: give --classifier")
-        folder, text = labelled_folder(args)
-        records = exit_classify(model, tok, classifier, folder, text, args.quick)
-        return finish(args, argv, model, lower + records, t0,
-                      {"classifier": str(classifier), "labelled": str(folder)})
+    single = run_alone(args, model, tok, classifier, prompt_exits)
+    if single:
+        return finish(args, argv, model, lower + single[0], t0, single[1])
     tuned = {"tuned": load_tuning(load(ckpt, args.device, DTYPES[args.dtype])[0], args.tuning)} if args.tuning else {}
     plain = copy.copy(model)  # the same weights with the plain (uncorrected) fill, for the ablation
     plain.fill_mu = None
