@@ -731,19 +731,45 @@ def machine_rates(model, tries=5):
 def roofline(records, rates):
     """Each counted record's roofline ideal (full depth's time over the policy's, each time the
     larger of MAC time and byte time at the machine's rates), and the rates it reached: GB/s
-    and GFLOP/s (2 per MAC) over its measured time, for decode and prefill."""
-    time_of = lambda macs, b: max(macs / rates["macs_per_s"], b / rates["bytes_per_s"])
+    and GFLOP/s (2 per MAC) over its measured time, for decode and prefill. A measured speed-up
+    more than 15% off the roofline gets `roofline_why`."""
     for r in records:
-        if r.get("bytes"):
-            r["roofline_ideal"] = time_of(r["full_macs"], r["full_bytes"]) / time_of(r["macs"],
-                                                                                     r["bytes"])
-        if r.get("tokens") and r.get("tokens_per_s") and "item_decode_s" in r:
+        if not r.get("bytes"):
+            continue
+        r["roofline_ideal"] = bound(r["full_macs"], r["full_bytes"], rates)[0] / bound(
+            r["macs"], r["bytes"], rates)[0]
+        if r.get("tokens_per_s") and "item_decode_s" in r:
             s = r["tokens"] / r["tokens_per_s"]  # decode: the last repeat's counts at its rate
-        elif r.get("bytes") and "item_ms" in r:
+        elif "item_ms" in r:
             s = sum(r["item_ms"]) / 1000  # prefill and classification: their own times
         else:
             continue
         r["achieved_gbps"], r["achieved_gflops"] = r["bytes"] / s / 1e9, 2 * r["macs"] / s / 1e9
+        measured = r.get("throughput_speedup", r["roofline_ideal"])
+        if abs(measured / r["roofline_ideal"] - 1) > 0.15:
+            r["roofline_why"] = roofline_why(r, s, rates)
+
+
+def bound(macs, n_bytes, rates):
+    """The roofline's time of some work, and which limit sets it."""
+    return max((macs / rates["macs_per_s"], "MAC"), (n_bytes / rates["bytes_per_s"], "byte"))
+
+
+def roofline_why(r, s, rates):
+    """The roofline assumes that full depth and the policy reach the same fraction of the limit
+    that bounds each; the measured speed-up over the roofline ideal is the ratio of the two
+    fractions. Say both, and where the policy reads or computes more than full depth, the
+    fraction that its extra work reaches (time s: the policy's; full depth's is s x speed-up)."""
+    full_s = s * r["throughput_speedup"]
+    (t, limit), (full_t, full_limit) = bound(r["macs"], r["bytes"], rates), bound(
+        r["full_macs"], r["full_bytes"], rates)
+    why = (f"{limit}-bound at {t / s:.0%} of the machine's {limit} rate, where full depth is "
+           f"{full_limit}-bound at {full_t / full_s:.0%}: the roofline assumes one fraction")
+    key = {"MAC": "macs", "byte": "bytes"}[limit]
+    extra_t = (r[key] - r["full_" + key]) / rates[key + "_per_s"]  # at the machine's rate
+    if limit == full_limit and s > full_s and extra_t > 0:
+        why += f"; the {limit}s it adds to full depth's run at {extra_t / (s - full_s):.0%}"
+    return why
 
 
 def finish(args, argv, model, records, t0, meta):
@@ -771,6 +797,10 @@ def finish(args, argv, model, records, t0, meta):
                   f"({r['document_accuracy']:.1%}, {r['document_speedup']:.2f}x): "
                   f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
                   f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
+        if "roofline_why" in r:
+            print(f"{r['scenario']}, {r['policy']} {r['setting'] or ''}: "
+                  f"{r['throughput_speedup']:.2f}x against a roofline of "
+                  f"{r['roofline_ideal']:.2f}x: {r['roofline_why']}")
         if r["scenario"] == "by-layer":
             a = r["agreement_by_layer"]
             print(f"{r['text']}, {r['readout']} (n = {r['n']}): agreement with full depth at "

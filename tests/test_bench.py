@@ -188,3 +188,19 @@ def test_roofline_ideal_is_the_larger_bound_of_each(rates, ideal):
     bench.roofline([r], {"macs_per_s": rates[0], "bytes_per_s": rates[1]})
     assert r["roofline_ideal"] == pytest.approx(ideal)
     assert (r["achieved_gbps"], r["achieved_gflops"]) == pytest.approx((100e-9, 20e-9))
+
+
+@pytest.mark.parametrize("n_bytes,ms,speedup,why", [
+    (100, 1000, 2.2, None),  # within 15% of the ideal 2.0: nothing to explain
+    (100, 1000, 3.0, "byte-bound at 50% of the machine's byte rate, where full depth is "
+                     "byte-bound at 33%: the roofline assumes one fraction"),
+    (300, 2000, 0.5, "byte-bound at 75% of the machine's byte rate, where full depth is "
+                     "byte-bound at 100%: the roofline assumes one fraction; the bytes it adds "
+                     "to full depth's run at 50%")])
+def test_roofline_why_names_the_fractions_of_the_limit_reached(n_bytes, ms, speedup, why):
+    """Measured over roofline speed-up is the policy's fraction of its limit over full depth's;
+    a record off by more than 15% says both, and the fraction its added work reaches."""
+    r = {"macs": 1, "bytes": n_bytes, "full_macs": 1, "full_bytes": 200, "item_ms": [ms],
+         "throughput_speedup": speedup}
+    bench.roofline([r], {"macs_per_s": 1e9, "bytes_per_s": 200})
+    assert r.get("roofline_why") == why
