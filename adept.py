@@ -77,9 +77,10 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     at = torch.arange(L, device=e.device)  # the exit layers below L that occur, once each:
     exits = torch.zeros(L + 1, dtype=torch.long, device=e.device).index_fill_(0, e, 1)[:L]
     fills = {"none": 0 * at, "lazy": (e.max() - at).clamp(min=0)}.get(fill, L - at) * exits
-    layers, layer_work, router_work, skipped, full, deepest, fill_reads = torch.stack([
-        e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(), L * per_layer.sum(),
-        e.max(), fills.sum()]).tolist()  # one read-back for all seven
+    layers, layer_work, router_work, skipped, full, deepest, fill_reads, router_reads = (
+        torch.stack([e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(),
+                     L * per_layer.sum(), e.max(), fills.sum(), policy.weights(c, pos, e)])
+        .tolist())  # one read-back for all eight
     heads = n_logits * c.dim * c.vocab_size
     stats.tokens += len(e)
     stats.layers += layers
@@ -91,7 +92,7 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     b, head = model.tok_emb.element_size(), c.dim * c.vocab_size * (n_logits > 0)
     kv_per_layer = (int(pos[-1]) + 1) * 2 * c.kv_dim * b
     stats.weight_bytes += b * (deepest * projections + fill_reads * c.dim * 2 * c.kv_dim + head
-                               + policy.weights(c, deepest))
+                               + router_reads)
     stats.kv_bytes += deepest * kv_per_layer
     stats.full_bytes += b * (L * projections + head) + L * kv_per_layer
 
@@ -121,10 +122,10 @@ class Policy:
         L-1)."""
         return (e.clamp(max=c.n_layers - 1) - self.min_layer + 1).clamp(min=0).sum() * self.macs(c)
 
-    def weights(self, c, deepest):
-        """Its weights read in a call whose deepest token ran `deepest` layers: per layer asked,
-        those its macs() multiply (a matrix-vector product reads each weight once)."""
-        return max(0, min(deepest, c.n_layers - 1) - self.min_layer + 1) * self.macs(c)
+    def weights(self, c, pos, e):
+        """Its weights read in a call: those its macs() multiply (a matrix-vector product reads
+        each weight once), at each layer asked, up to the deepest of its tokens' exits e [n]."""
+        return (e.max().clamp(max=c.n_layers - 1) - self.min_layer + 1).clamp(min=0) * self.macs(c)
 
 
 class FullDepth(Policy):
@@ -245,8 +246,9 @@ class PromptPolicy(Policy):
         r = pos >= self.read
         return self.prompt.work(c, pos[~r], e[~r]) + self.policy.work(c, pos[r], e[r])
 
-    def weights(self, c, deepest):
-        return self.prompt.weights(c, deepest) + self.policy.weights(c, deepest)
+    def weights(self, c, pos, e):
+        r = pos >= self.read  # each policy up to its own tokens' deepest exit (0: none of them)
+        return self.prompt.weights(c, pos, e * ~r) + self.policy.weights(c, pos, e * r)
 
 
 # ----------------------------------------------------------------------------------- classification
@@ -354,8 +356,8 @@ class DocumentExit(Policy):
         asked = e.max().clamp(max=c.n_layers - 1)
         return e.clamp(max=c.n_layers - 1).sum() * c.dim + asked * self.macs(c) + tokens
 
-    def weights(self, c, deepest):
-        return super().weights(c, deepest) + (self.tokens.weights(c, deepest) if self.tokens else 0)
+    def weights(self, c, pos, e):
+        return super().weights(c, pos, e) + (self.tokens.weights(c, pos, e) if self.tokens else 0)
 
 
 @torch.inference_mode()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adept import (Confidence, FullDepth, Policy, Router, RouterPolicy, Static, Stats, forward_tokens, generate,
-                   router_features)
+from adept import (Confidence, FullDepth, Policy, PromptPolicy, Router, RouterPolicy, Static, Stats,
+                   forward_tokens, generate, router_features)
 from checkpoint import model_id
 from sample import make_policy
 from conftest import reference_forward
@@ -286,6 +286,20 @@ def test_a_prefill_with_exits_reads_a_layer_once_whatever_its_rows(tiny):
     assert stats.full_bytes == 4 * L * weights_of_a_layer(c) + head + stats.kv_bytes
     assert gate.weight_bytes == 4 * L * weights_of_a_layer(c) + head + (L - 1) * head
 
+
+
+def test_a_prompt_policy_reads_each_policy_up_to_its_own_tokens(tiny):
+    """Prompt tokens leave at layer 1 by the confidence gate (threshold 0: its head read once),
+    the read position runs all L layers at full depth (no weights of its own): the gate's head
+    is not charged at the layers only the read position ran."""
+    model, *_ = tiny
+    c, L, stats = model.config, model.config.n_layers, Stats()
+    with torch.no_grad():
+        forward_tokens(model, prompt(model, 10), 0, model.new_cache(1, 10),
+                       PromptPolicy(Confidence(0.0), FullDepth(), read=9), stats)
+    head = c.dim * c.vocab_size * 4
+    assert stats.weight_bytes == 4 * (L * weights_of_a_layer(c)
+                                      + (L - 1) * c.dim * 2 * c.kv_dim) + head + head
 
 def router_file(model, path, **meta):
     c = model.config
