@@ -307,21 +307,32 @@ def spec_key(spec):
 
 
 def run_exit_classify(model, clf, docs, pols):
-    """Every held-out document through every policy, full depth among them, in an order that rotates
-    from one document to the next (alternating); per policy and document: the label, the decision
-    layer, the seconds; and the costs. docs: [(ids, label index)]."""
-    keys = list(pols)
-    acc = {key: dict(labels=[], layers=[], s=[], stats=Stats()) for key in keys}
+    """Every held-out document [(ids, label index)] through every policy, full depth among them
+    (rotating): per policy and document the label, the decision layer, the seconds; the costs."""
+    def one(ids, key):
+        p, d, stats, s = classify_timed(model, clf, ids, pols[key])
+        return [int(p.argmax())], d, stats, s
     classify(model, clf, docs[0][0][:8], FullDepth(), Stats())  # warm-up
+    return rotating(docs, list(pols), one, "classify with exit classifiers")[0]
+
+
+def rotating(docs, keys, run, what):
+    """Every document through every key, in an order that rotates from one document to the next,
+    so that slow drifts of the machine fall on every policy alike. run(ids, key) gives (a label
+    per readout, decision layer, Stats, seconds); per readout and key: the documents' labels,
+    layers and seconds, and the costs summed."""
+    acc = None
     for j, (ids, _) in enumerate(docs):
         for key in keys[j % len(keys):] + keys[:j % len(keys)]:
-            p, d, st, s = classify_timed(model, clf, ids, pols[key])
-            a = acc[key]
-            a["labels"].append(int(p.argmax()))
-            a["layers"].append(d)
-            a["s"].append(s)
-            a["stats"] = total([a["stats"], st])
-        print(f"\r  classify with exit classifiers {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
+            labels, d, stats, s = run(ids, key)
+            acc = acc or [{k: dict(labels=[], layers=[], s=[], stats=Stats()) for k in keys}
+                          for _ in labels]
+            for a, label in zip(acc, labels):
+                a[key]["labels"].append(label)
+                a[key]["layers"].append(d)
+                a[key]["s"].append(s)
+                a[key]["stats"] = total([a[key]["stats"], stats])
+        print(f"\r  {what} {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return acc
 
@@ -411,9 +422,9 @@ def paired_test(a, b):
 # ------------------------------------------- token-level against document-level exit, classifying
 
 
-# Token policies (NAME:VALUE, depths in 30ths of the model) of a document's tokens before its
-# last, and the document-level depths they are compared with at about the same speed.
-TOKEN_POLICIES = ("static:1", "static:2", "static:4", "static:8", "router:0.4")
+# Token policies (name, value; static depths in 30ths of the model) of a document's tokens
+# before its last, and the document-level depths they are compared with at about the same speed.
+TOKEN_POLICIES = (("static", 1), ("static", 2), ("static", 4), ("static", 8), ("router", 0.4))
 DOCUMENT_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 20)
 READOUTS = ("mean over tokens", "last token")
 
@@ -429,16 +440,17 @@ def token_level_classify(model, tok, path, prompt_exits, folder, text, quick):
     # heads fitted on every other training document: each needs a pass per policy
     train, held = (train[:20], held[:20]) if quick else (train[::2], held)
     scale = lambda k: max(1, min(L - 1, round(k * L / 30)))
-    specs = list(dict.fromkeys(f"static:{scale(int(s[7:]))}" if s.startswith("static") else s
-                               for s in TOKEN_POLICIES if prompt_exits or s.startswith("static")))
-    prompts = [make_policy(s, model, exits=prompt_exits if s.startswith("router") else None)
-               for s in specs]
+    kinds = list(dict.fromkeys((kind, scale(v) if kind == "static" else v)
+                               for kind, v in TOKEN_POLICIES if prompt_exits or kind == "static"))
+    specs = [f"{kind}:{v}" for kind, v in kinds]
+    prompts = [make_policy(s, model, exits=prompt_exits if kind == "router" else None)
+               for s, (kind, _) in zip(specs, kinds)]
     heads = token_level_heads(model, tok, clf, train, specs, prompts, prompt_exits, quick)
     pols = {("full", None): (FullDepth(), L)}
     pols |= {("document-static", k): (Static(k, L), k)
              for k in sorted(set(map(scale, DOCUMENT_DEPTHS)))}
-    pols |= {(f"token-{s.split(':')[0]}", parse_policy(s, {})[1].popitem()[1]): (p, 1 + L + j)
-             for j, (s, p) in enumerate(zip(specs, prompts))}
+    pols |= {(f"token-{kind}", v): (p, 1 + L + j)
+             for j, ((kind, v), p) in enumerate(zip(kinds, prompts))}
     docs = [(torch.tensor(tok.encode(t)[:int(clf.meta["tokens"])], device=model.tok_emb.device), y)
             for _, t, y in held]
     acc = run_token_level(model, heads, docs, pols)
@@ -467,22 +479,12 @@ def token_level_heads(model, tok, clf, train, specs, prompts, prompt_exits, quic
 
 def run_token_level(model, heads, docs, pols):
     """Every held-out document [(ids, label)] through every policy (policy, head row), full depth
-    among them, in an order that rotates from one document to the next, and through the bag of
-    words (the token embeddings, row 0); per readout and policy: each document's label, decision
-    layer and seconds, and the costs."""
-    keys = list(pols) + [("embedding", 0)]
-    acc = [{key: dict(labels=[], layers=[], s=[], stats=Stats()) for key in keys} for _ in heads]
+    among them, rotating, and through the bag of words (the token embeddings, row 0); per readout
+    and policy: each document's label, decision layer and seconds, and the costs."""
     read_labels(model, heads, docs[0][0][:8], FullDepth(), model.config.n_layers)  # warm-up
-    for j, (ids, _) in enumerate(docs):
-        for key in keys[j % len(keys):] + keys[:j % len(keys)]:
-            labels, d, stats, s = read_labels(model, heads, ids, *pols.get(key, (None, 0)))
-            for a, label in zip(acc, labels):
-                a[key]["labels"].append(label)
-                a[key]["layers"].append(d)
-                a[key]["s"].append(s)
-                a[key]["stats"] = total([a[key]["stats"], stats])
-        print(f"\r  token-level classify {j + 1}/{len(docs)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    acc = rotating(docs, list(pols) + [("embedding", 0)],
+                   lambda ids, key: read_labels(model, heads, ids, *pols.get(key, (None, 0))),
+                   "token-level classify")
     for a in acc:  # the bag of words against full depth's cost: the pooling alone
         a[("embedding", 0)]["stats"].full_macs = a[("full", None)]["stats"].full_macs
     return acc
@@ -831,21 +833,22 @@ def parse_args(argv):
                    help="BBC News articles of zero-shot classify-N (default 200, quick 10, for the "
                    "default model; 0 = none)")
     p.add_argument("--prompt-exits", help="prompt router (default: the shipped one, for the default model)")
-    p.add_argument("--zero-shot-only", "--classify-only", action="store_true",
-                   help="zero-shot classify-N alone: the LM head asked each article's section")
     p.add_argument("--classifier", help="exit classifiers of the classify-exits scenario (default: the shipped "
                    "BBC News ones, for the default model)")
-    p.add_argument("--exit-classifiers-only", "--classifier-only", action="store_true",
-                   help="classify-exits alone: the exit classifiers on their held-out articles")
-    p.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by "
-                   "layer alone: the LM head's next token, the exit classifiers' label")
-    p.add_argument("--decode-only", action="store_true", help="free-running decode alone (and its "
-                   "K/V ablation)")
-    p.add_argument("--token-vs-prompt-only", action="store_true", help="prefill alone: token-level "
-                   "exit against prompt-level exit at equal speed, with paired tests")
-    p.add_argument("--token-level-classify-only", action="store_true", help="classification "
-                   "alone: token-level against document-level exit, heads fitted to each "
-                   "policy, in two readouts (mean over tokens, last token)")
+    alone = p.add_mutually_exclusive_group()  # the scenarios that run alone: one at a time
+    alone.add_argument("--zero-shot-only", "--classify-only", action="store_true",
+                       help="zero-shot classify-N alone: the LM head asked each article's section")
+    alone.add_argument("--exit-classifiers-only", "--classifier-only", action="store_true",
+                       help="classify-exits alone: the exit classifiers on their held-out articles")
+    alone.add_argument("--by-layer-only", action="store_true", help="agreement with full depth by "
+                       "layer alone: the LM head's next token, the exit classifiers' label")
+    alone.add_argument("--decode-only", action="store_true", help="free-running decode alone (and "
+                       "its K/V ablation)")
+    alone.add_argument("--token-vs-prompt-only", action="store_true", help="prefill alone: "
+                       "token-level exit against prompt-level exit at equal speed, paired tests")
+    alone.add_argument("--token-level-classify-only", action="store_true", help="classification "
+                       "alone: token-level against document-level exit, heads fitted to each "
+                       "policy, in two readouts (mean over tokens, last token)")
     p.add_argument("--labelled", metavar="DIR", help="the labelled folder --classifier was trained "
                    "on (default: BBC News); classify-exits alone, on its held-out documents")
     p.add_argument("--json", help="write {meta, records} here, one record per (policy, setting, scenario, text)")
@@ -859,8 +862,6 @@ def parse_args(argv):
     if args.labelled and not args.classifier:
         raise UserError("--labelled is the folder --classifier was trained on: "
                         "give --classifier too")
-    if args.by_layer_only and args.exit_classifiers_only:
-        raise UserError("--by-layer-only and --exit-classifiers-only are separate runs; give one")
     if args.tuned_exits and not args.tuning:
         raise UserError("--tuned-exits is the router of the tuned model: give the delta with --tuning too")
     if args.repeats is not None and args.repeats < 1:

@@ -134,6 +134,12 @@ def test_bench_bad_output_paths_fail_before_any_work(tiny, tmp_path, monkeypatch
     assert [f.name for f in tmp_path.iterdir()] == ["bench.json"] and (tmp_path / "bench.json").read_text() == "{}"
 
 
+
+def test_bench_runs_one_scenario_alone_at_a_time(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--decode-only", "--by-layer-only"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
 def test_bench_cli_reports_bad_input_in_one_line(tiny, tmp_path):
     """The one subprocess test of bench.py: a refusal is one 'error:' line on stderr, no traceback."""
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--checkpoint", str(tiny[4]),
