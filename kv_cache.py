@@ -13,7 +13,7 @@ loop over the same formula, one layer after another: the reference the tests use
 Calibrated fill: layer l would have seen h_{l-1}, not h_e, and the residual stream
 drifts with depth in much the same way for every token. With `model.fill_mu` set
 ([L+1, D], mu[j] = the mean hidden state after j layers, measured on training text by
-train_exits.py --calibrate), layer l reads h_e + (mu[l-1] - mu[e]) instead: one add.
+the fill calibration of train_exits.py), layer l reads h_e + (mu[l-1] - mu[e]) instead: one add.
 """
 import torch
 import torch.nn.functional as F
