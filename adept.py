@@ -124,7 +124,8 @@ class Policy:
 
     def weights(self, c, pos, e):
         """Its weights read in a call: those its macs() multiply (a matrix-vector product reads
-        each weight once), at each layer asked, up to the deepest of its tokens' exits e [n]."""
+        each weight once), at each layer asked, up to the deepest of its tokens' exits e [n]
+        (pos [n] as in work(), for policies that treat positions apart)."""
         return (e.max().clamp(max=c.n_layers - 1) - self.min_layer + 1).clamp(min=0) * self.macs(c)
 
 

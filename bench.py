@@ -800,7 +800,8 @@ def finish(args, argv, model, records, t0, meta):
                   f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
                   f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
         if "roofline_why" in r:
-            print(f"{r['scenario']}, {r['policy']} {r['setting'] or ''}: "
+            setting = "" if r["setting"] is None else f" {r['setting']}"
+            print(f"{r['scenario']}, {r['policy']}{setting}: "
                   f"{r['throughput_speedup']:.2f}x against a roofline of "
                   f"{r['roofline_ideal']:.2f}x: {r['roofline_why']}")
         if r["scenario"] == "by-layer":

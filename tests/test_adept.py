@@ -287,7 +287,6 @@ def test_a_prefill_with_exits_reads_a_layer_once_whatever_its_rows(tiny):
     assert gate.weight_bytes == 4 * L * weights_of_a_layer(c) + head + (L - 1) * head
 
 
-
 def test_a_prompt_policy_reads_each_policy_up_to_its_own_tokens(tiny):
     """Prompt tokens leave at layer 1 by the confidence gate (threshold 0: its head read once),
     the read position runs all L layers at full depth (no weights of its own): the gate's head
@@ -297,9 +296,10 @@ def test_a_prompt_policy_reads_each_policy_up_to_its_own_tokens(tiny):
     with torch.no_grad():
         forward_tokens(model, prompt(model, 10), 0, model.new_cache(1, 10),
                        PromptPolicy(Confidence(0.0), FullDepth(), read=9), stats)
-    head = c.dim * c.vocab_size * 4
-    assert stats.weight_bytes == 4 * (L * weights_of_a_layer(c)
-                                      + (L - 1) * c.dim * 2 * c.kv_dim) + head + head
+    head = c.dim * c.vocab_size * 4  # read twice: the logits, and the gate at layer 1
+    fill = (L - 1) * c.dim * 2 * c.kv_dim  # the prompt tokens' K/V at layers 2..L
+    assert stats.weight_bytes == 4 * (L * weights_of_a_layer(c) + fill) + 2 * head
+
 
 def router_file(model, path, **meta):
     c = model.config

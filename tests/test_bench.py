@@ -134,11 +134,14 @@ def test_bench_bad_output_paths_fail_before_any_work(tiny, tmp_path, monkeypatch
     assert [f.name for f in tmp_path.iterdir()] == ["bench.json"] and (tmp_path / "bench.json").read_text() == "{}"
 
 
-
 def test_bench_runs_one_scenario_alone_at_a_time(capsys):
-    with pytest.raises(SystemExit):
+    """The --*-only flags are one argparse group: a second is refused with the usage, an error
+    line naming both, and exit status 2, before anything loads."""
+    with pytest.raises(SystemExit) as e:
         bench.main(["--decode-only", "--by-layer-only"])
-    assert "not allowed with argument" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--by-layer-only: not allowed with argument --decode-only" in capsys.readouterr().err
+
 
 def test_bench_cli_reports_bad_input_in_one_line(tiny, tmp_path):
     """The one subprocess test of bench.py: a refusal is one 'error:' line on stderr, no traceback."""
