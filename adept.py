@@ -73,10 +73,11 @@ def count(stats, model, policy, pos, exit_layer, n_logits, fill):
     c, L, e = model.config, model.config.n_layers, exit_layer
     projections = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
     per_layer = projections + 2 * c.q_dim * (pos + 1)  # [n]
-    filled = {"none": 0 * e, "lazy": e.max() - e}.get(fill, L - e)  # skipped layers given K/V
+    given_kv = lambda x: {"none": 0 * x, "lazy": (e.max() - x).clamp(min=0)}.get(fill, L - x)
+    filled = given_kv(e)  # [n] the skipped layers each token's fill gives K/V
     at = torch.arange(L, device=e.device)  # the exit layers below L that occur, once each:
     exits = torch.zeros(L + 1, dtype=torch.long, device=e.device).index_fill_(0, e, 1)[:L]
-    fills = {"none": 0 * at, "lazy": (e.max() - at).clamp(min=0)}.get(fill, L - at) * exits
+    fills = given_kv(at) * exits
     layers, layer_work, router_work, skipped, full, deepest, fill_reads, router_reads = (
         torch.stack([e.sum(), (e * per_layer).sum(), policy.work(c, pos, e), filled.sum(),
                      L * per_layer.sum(), e.max(), fills.sum(), policy.weights(c, pos, e)])

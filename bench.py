@@ -738,8 +738,9 @@ def roofline(records, rates):
     for r in records:
         if not r.get("bytes"):
             continue
-        r["roofline_ideal"] = bound(r["full_macs"], r["full_bytes"], rates)[0] / bound(
-            r["macs"], r["bytes"], rates)[0]
+        policy, full = bound(r["macs"], r["bytes"], rates), bound(r["full_macs"],
+                                                                   r["full_bytes"], rates)
+        r["roofline_ideal"] = full[0] / policy[0]
         if r.get("tokens_per_s") and "item_decode_s" in r:
             s = r["tokens"] / r["tokens_per_s"]  # decode: the last repeat's counts at its rate
         elif "item_ms" in r:
@@ -749,7 +750,7 @@ def roofline(records, rates):
         r["achieved_gbps"], r["achieved_gflops"] = r["bytes"] / s / 1e9, 2 * r["macs"] / s / 1e9
         measured = r.get("throughput_speedup", r["roofline_ideal"])
         if abs(measured / r["roofline_ideal"] - 1) > 0.15:
-            r["roofline_why"] = roofline_why(r, s, rates)
+            r["roofline_why"] = roofline_why(r, s, policy, full, rates)
 
 
 def bound(macs, n_bytes, rates):
@@ -757,14 +758,14 @@ def bound(macs, n_bytes, rates):
     return max((macs / rates["macs_per_s"], "MAC"), (n_bytes / rates["bytes_per_s"], "byte"))
 
 
-def roofline_why(r, s, rates):
+def roofline_why(r, s, policy, full, rates):
     """The roofline assumes that full depth and the policy reach the same fraction of the limit
     that bounds each; the measured speed-up over the roofline ideal is the ratio of the two
     fractions. Say both, and where the policy reads or computes more than full depth, the
-    fraction that its extra work reaches (time s: the policy's; full depth's is s x speed-up)."""
+    fraction that its extra work reaches. s: the policy's measured time, full depth's is s x
+    speed-up; policy, full: their roofline times and limits (bound)."""
     full_s = s * r["throughput_speedup"]
-    (t, limit), (full_t, full_limit) = bound(r["macs"], r["bytes"], rates), bound(
-        r["full_macs"], r["full_bytes"], rates)
+    (t, limit), (full_t, full_limit) = policy, full
     why = (f"{limit}-bound at {t / s:.0%} of the machine's {limit} rate, where full depth is "
            f"{full_limit}-bound at {full_t / full_s:.0%}: the roofline assumes one fraction")
     key = {"MAC": "macs", "byte": "bytes"}[limit]
@@ -772,6 +773,14 @@ def roofline_why(r, s, rates):
     if limit == full_limit and s > full_s and extra_t > 0:
         why += f"; the {limit}s it adds to full depth's run at {extra_t / (s - full_s):.0%}"
     return why
+
+
+def pair_line(r, lead, other, score):
+    """A pair record (token-level against `other`-level exit) as one line."""
+    return (f"{lead}{r['token_level']} ({r['token_' + score]:.1%}, {r['token_speedup']:.2f}x) "
+            f"against every token at {r[other + '_level']} ({r[other + '_' + score]:.1%}, "
+            f"{r[other + '_speedup']:.2f}x): {r['difference']:+.1%} [{r['difference_lo']:+.1%}, "
+            f"{r['difference_hi']:+.1%}], McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
 
 
 def finish(args, argv, model, records, t0, meta):
@@ -788,17 +797,9 @@ def finish(args, argv, model, records, t0, meta):
     print(report(table) if table else "")
     for r in records:
         if r["scenario"] == "token-vs-prompt":
-            print(f"prompt tokens at {r['token_level']} ({r['token_agreement']:.1%}, "
-                  f"{r['token_speedup']:.2f}x) against every token at {r['prompt_level']} "
-                  f"({r['prompt_agreement']:.1%}, {r['prompt_speedup']:.2f}x): "
-                  f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
-                  f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
+            print(pair_line(r, "prompt tokens at ", "prompt", "agreement"))
         if r["scenario"] == "token-vs-document":
-            print(f"{r['readout']}: {r['token_level']} ({r['token_accuracy']:.1%}, "
-                  f"{r['token_speedup']:.2f}x) against every token at {r['document_level']} "
-                  f"({r['document_accuracy']:.1%}, {r['document_speedup']:.2f}x): "
-                  f"{r['difference']:+.1%} [{r['difference_lo']:+.1%}, {r['difference_hi']:+.1%}], "
-                  f"McNemar p = {r['mcnemar_p']:.2g} (n = {r['n']})")
+            print(pair_line(r, f"{r['readout']}: ", "document", "accuracy"))
         if "roofline_why" in r:
             setting = "" if r["setting"] is None else f" {r['setting']}"
             print(f"{r['scenario']}, {r['policy']}{setting}: "
